@@ -1,0 +1,31 @@
+//! blkvm's block layer: a graph of named nodes opened from `--blockdev`
+//! options, with QEMU's driver names and semantics, and a data plane of
+//! per-thread node queues whose completions arrive on an eventfd.
+//!
+//! Layout (DESIGN.md, "Block layer shapes"):
+//! - [`request`]: requests, completions, data-path errors;
+//! - [`node`]: the [`BlockNode`] control plane and [`NodeQueue`] data plane;
+//! - [`graph`]: [`BlockGraph`], names, children, users;
+//! - drivers: [`file`] (threads and io_uring engines), [`raw`], [`null`];
+//! - [`limits`], [`stats`]; system calls live in `sys` and the engines.
+
+#![deny(missing_docs)]
+
+mod completion;
+mod error;
+pub mod file;
+pub mod graph;
+pub mod limits;
+pub mod node;
+pub mod null;
+pub mod raw;
+pub mod request;
+pub mod stats;
+mod sys;
+
+pub use error::BlockError;
+pub use graph::BlockGraph;
+pub use limits::BlockLimits;
+pub use node::{BlockNode, NodeQueue};
+pub use request::{Completion, Request, RequestError, RequestFlags, RequestOp, SubmitError};
+pub use stats::{NodeStats, NodeStatsSnapshot, OpStatsSnapshot};

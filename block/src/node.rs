@@ -1,0 +1,167 @@
+//! The node API: a control-plane [`BlockNode`] shared by threads, and a
+//! data-plane [`NodeQueue`] owned by one thread (DESIGN.md, "Block layer
+//! shapes").
+//!
+//! A queue's completions are announced on one file descriptor
+//! ([`NodeQueue::completion_fd`], an eventfd) whatever the engine: io_uring,
+//! a worker pool, or immediate completion all deliver through it, so an
+//! IOThread has exactly one completion path per node queue.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use qapi::{BlockdevCommon, BlockdevDetectZeroesOptions, BlockdevDiscardOptions};
+
+use crate::limits::BlockLimits;
+use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
+use crate::stats::NodeStats;
+use crate::BlockError;
+
+/// A node of the block graph: its control plane, shared by all threads.
+pub trait BlockNode: Send + Sync {
+    /// The node's name in the graph.
+    fn node_name(&self) -> &str;
+    /// The driver name (`file`, `raw`, `null-co`).
+    fn driver(&self) -> &'static str;
+    /// Size in bytes as last read.
+    fn capacity(&self) -> u64;
+    /// Re-read the size from the backing store (it may have been resized).
+    fn refresh_capacity(&self) -> Result<u64, BlockError> {
+        Ok(self.capacity())
+    }
+    /// Request limits.
+    fn limits(&self) -> BlockLimits;
+    /// Whether modifying requests are refused.
+    fn read_only(&self) -> bool;
+    /// The file name of a protocol node, if it has one.
+    fn filename(&self) -> Option<&str> {
+        None
+    }
+    /// Child nodes.
+    fn children(&self) -> Vec<Arc<dyn BlockNode>> {
+        Vec::new()
+    }
+    /// I/O statistics of this node.
+    fn stats(&self) -> &NodeStats;
+    /// Open a data-plane queue for one thread.
+    fn open_queue(&self) -> Result<Box<dyn NodeQueue>, BlockError>;
+}
+
+/// The data plane of a node for one thread. Not shared: the thread that owns
+/// it submits, kicks and polls.
+pub trait NodeQueue: Send {
+    /// Queue a request. The queue may hold it until [`NodeQueue::kick`]; on
+    /// refusal the request comes back untouched, so the caller can still
+    /// complete whatever it stands for.
+    fn submit(&mut self, req: Request) -> Result<(), SubmitError>;
+
+    /// Start everything submitted since the last kick (one system call for a
+    /// batch where the engine allows).
+    fn kick(&mut self) {}
+
+    /// A file descriptor that becomes readable when completions are ready.
+    fn completion_fd(&self) -> RawFd;
+
+    /// Move ready completions to `out` without blocking; returns how many.
+    fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize;
+
+    /// Requests submitted and not yet returned.
+    fn in_flight(&self) -> usize;
+
+    /// Deliver a request that is already finished through this queue's
+    /// completion path (a parent node completing without its child).
+    fn complete_now(&mut self, c: Completion);
+
+    /// Kick, then block until at least `min` completions were moved to
+    /// `out` (or nothing is in flight). For callers without an event loop,
+    /// such as the benchmark.
+    fn wait_completions(&mut self, min: usize, out: &mut Vec<Completion>) -> usize {
+        self.kick();
+        let mut got = self.poll_completions(out);
+        while got < min && self.in_flight() > 0 {
+            crate::sys::wait_readable(self.completion_fd());
+            got += self.poll_completions(out);
+        }
+        got
+    }
+}
+
+/// What the common options say to do with a request before the driver sees it.
+pub(crate) enum Precheck {
+    /// Hand it to the driver.
+    Forward(Request),
+    /// It is finished already (flush with `cache.no-flush`, ignored discard).
+    Done(Completion),
+}
+
+/// The common `--blockdev` options that apply to every node.
+#[derive(Clone, Debug)]
+pub(crate) struct NodeCommon {
+    pub name: String,
+    pub read_only: bool,
+    pub no_flush: bool,
+    pub discard: BlockdevDiscardOptions,
+    pub detect_zeroes: BlockdevDetectZeroesOptions,
+}
+
+impl NodeCommon {
+    pub fn new(name: String, opts: &BlockdevCommon, read_only: bool) -> Self {
+        NodeCommon {
+            name,
+            read_only,
+            no_flush: opts.cache.no_flush,
+            discard: opts.discard,
+            detect_zeroes: opts.detect_zeroes,
+        }
+    }
+
+    /// Applies read-only, bounds, `cache.no-flush`, `discard` and
+    /// `detect-zeroes` to a request.
+    pub fn precheck(&self, mut req: Request, capacity: u64) -> Result<Precheck, SubmitError> {
+        req.stamp();
+        if req.is_modifying() && self.read_only {
+            return Err(SubmitError {
+                request: req,
+                error: RequestError::ReadOnly,
+            });
+        }
+        if req.op() != RequestOp::Flush {
+            if let Err(error) = req.check_range(capacity) {
+                return Err(SubmitError {
+                    request: req,
+                    error,
+                });
+            }
+        }
+        let done = match req.op() {
+            RequestOp::Flush => self.no_flush,
+            RequestOp::Discard => self.discard == BlockdevDiscardOptions::Ignore,
+            RequestOp::Write if self.detect_zeroes != BlockdevDetectZeroesOptions::Off => {
+                if crate::sys::iovecs_are_zero(req.iovecs()) {
+                    let unmap = self.detect_zeroes == BlockdevDetectZeroesOptions::Unmap
+                        && self.discard == BlockdevDiscardOptions::Unmap;
+                    req.make_write_zeroes(unmap);
+                }
+                false
+            }
+            _ => false,
+        };
+        if done {
+            return Ok(Precheck::Done(Completion {
+                result: Ok(req.len()),
+                request: req,
+            }));
+        }
+        Ok(Precheck::Forward(req))
+    }
+}
+
+impl std::fmt::Debug for dyn BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("node_name", &self.node_name())
+            .field("driver", &self.driver())
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}

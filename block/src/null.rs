@@ -1,0 +1,195 @@
+//! `null-co`: a node that does no I/O. Reads leave buffers untouched (or
+//! zero them with `read-zeroes=on`), writes are dropped. With `latency-ns`
+//! each request completes that long after submission, timed by a timerfd;
+//! without it requests complete at once. It isolates the cost of the rest
+//! of the stack from any disk's.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qapi::{BlockdevCommon, BlockdevOptionsNull};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
+use crate::limits::BlockLimits;
+use crate::node::{BlockNode, NodeCommon, NodeQueue, Precheck};
+use crate::request::{Completion, Request, RequestOp, SubmitError};
+use crate::stats::NodeStats;
+use crate::{sys, BlockError};
+
+/// QEMU's default null-co size: 1 GiB.
+const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// The `null-co` node.
+pub struct NullNode {
+    common: NodeCommon,
+    size: u64,
+    read_zeroes: bool,
+    latency: Duration,
+    stats: Arc<NodeStats>,
+}
+
+impl NullNode {
+    pub(crate) fn open(
+        name: String,
+        common: &BlockdevCommon,
+        opts: &BlockdevOptionsNull,
+    ) -> Result<Self, BlockError> {
+        Ok(NullNode {
+            common: NodeCommon::new(name, common, common.read_only),
+            size: opts.size.map_or(DEFAULT_SIZE, |s| s.0),
+            read_zeroes: opts.read_zeroes,
+            latency: Duration::from_nanos(opts.latency_ns),
+            stats: Arc::default(),
+        })
+    }
+}
+
+impl BlockNode for NullNode {
+    fn node_name(&self) -> &str {
+        &self.common.name
+    }
+    fn driver(&self) -> &'static str {
+        "null-co"
+    }
+    fn capacity(&self) -> u64 {
+        self.size
+    }
+    fn limits(&self) -> BlockLimits {
+        BlockLimits {
+            discard_granularity: 512,
+            ..BlockLimits::default()
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.common.read_only
+    }
+    fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+    fn open_queue(&self) -> Result<Box<dyn NodeQueue>, BlockError> {
+        let eventfd = Arc::new(new_eventfd()?);
+        let timer = if self.latency.is_zero() {
+            None
+        } else {
+            Some(TimerFd::new().map_err(|e| BlockError::Os {
+                what: "create a timerfd".into(),
+                source: e.into(),
+            })?)
+        };
+        Ok(Box::new(NullQueue {
+            common: self.common.clone(),
+            size: self.size,
+            read_zeroes: self.read_zeroes,
+            latency: self.latency,
+            stats: self.stats.clone(),
+            ready: LocalCompletions::new(eventfd.clone()),
+            eventfd,
+            timer,
+            delayed: VecDeque::new(),
+        }))
+    }
+}
+
+/// One thread's queue on a [`NullNode`].
+struct NullQueue {
+    common: NodeCommon,
+    size: u64,
+    read_zeroes: bool,
+    latency: Duration,
+    stats: Arc<NodeStats>,
+    ready: LocalCompletions,
+    eventfd: Arc<EventFd>,
+    timer: Option<TimerFd>,
+    delayed: VecDeque<(Instant, Completion)>,
+}
+
+impl NullQueue {
+    fn complete(&mut self, c: Completion) {
+        let Some(timer) = &mut self.timer else {
+            self.ready.push(c);
+            return;
+        };
+        let due = c.request.start.unwrap_or_else(Instant::now) + self.latency;
+        if self.delayed.is_empty() {
+            arm(timer, due);
+        }
+        self.delayed.push_back((due, c));
+    }
+}
+
+impl NodeQueue for NullQueue {
+    fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
+        let req = match self.common.precheck(req, self.size)? {
+            Precheck::Done(c) => {
+                self.complete(c);
+                return Ok(());
+            }
+            Precheck::Forward(req) => req,
+        };
+        if req.op() == RequestOp::Read && self.read_zeroes {
+            sys::zero_iovecs(req.iovecs(), 0);
+        }
+        let len = match req.op() {
+            RequestOp::Flush => 0,
+            _ => req.len(),
+        };
+        self.complete(Completion {
+            request: req,
+            result: Ok(len),
+        });
+        Ok(())
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        match &self.timer {
+            Some(t) => t.as_raw_fd(),
+            None => self.eventfd.as_raw_fd(),
+        }
+    }
+
+    fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
+        let start = out.len();
+        if let Some(timer) = &mut self.timer {
+            let now = Instant::now();
+            while self.delayed.front().is_some_and(|(due, _)| *due <= now) {
+                if let Some((_, c)) = self.delayed.pop_front() {
+                    out.push(c);
+                }
+            }
+            // Re-arming (or disarming) also clears the timer's readiness.
+            match self.delayed.front() {
+                Some((due, _)) => arm(timer, *due),
+                None => {
+                    let _ = timer.reset(Duration::ZERO, None);
+                }
+            }
+        } else {
+            clear_eventfd(&self.eventfd);
+            self.ready.drain_into(out);
+        }
+        for c in &out[start..] {
+            self.stats
+                .record(c.request.op(), c.request.start, &c.result);
+        }
+        out.len() - start
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ready.len() + self.delayed.len()
+    }
+
+    fn complete_now(&mut self, c: Completion) {
+        self.complete(c);
+    }
+}
+
+/// Arms `timer` to fire at `due` (at once if that has passed).
+fn arm(timer: &mut TimerFd, due: Instant) {
+    let wait = due.saturating_duration_since(Instant::now());
+    // A zero duration would disarm the timer: wait at least a nanosecond.
+    let _ = timer.reset(wait.max(Duration::from_nanos(1)), None);
+}

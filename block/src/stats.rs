@@ -1,0 +1,165 @@
+//! Per-node I/O statistics, kept with relaxed atomics so data-plane threads
+//! of several queues can record without locks (QEMU's `BlockAcctStats`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::request::{RequestError, RequestOp};
+
+/// Number of latency buckets: bucket `i` counts latencies in `[2^i, 2^(i+1))` ns.
+pub const LATENCY_BUCKETS: usize = 40;
+
+/// Counters for one kind of operation.
+#[derive(Debug)]
+pub struct OpStats {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    total_ns: AtomicU64,
+    histogram: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Default for OpStats {
+    fn default() -> Self {
+        OpStats {
+            ops: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            total_ns: AtomicU64::new(0),
+            histogram: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// A snapshot of [`OpStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpStatsSnapshot {
+    /// Completed operations (including failed ones).
+    pub ops: u64,
+    /// Bytes transferred by successful operations.
+    pub bytes: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Sum of latencies, nanoseconds.
+    pub total_ns: u64,
+    /// Log2 latency histogram, nanoseconds.
+    pub histogram: Vec<u64>,
+}
+
+impl OpStats {
+    fn record(&self, bytes: u64, ok: bool, ns: u64) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        let bucket = (63 - ns.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.histogram[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> OpStatsSnapshot {
+        OpStatsSnapshot {
+            ops: self.ops.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            total_ns: self.total_ns.load(Ordering::Relaxed),
+            histogram: self
+                .histogram
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+}
+
+/// Statistics of one node, per operation kind.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    read: OpStats,
+    write: OpStats,
+    flush: OpStats,
+    discard: OpStats,
+    write_zeroes: OpStats,
+}
+
+/// A snapshot of [`NodeStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStatsSnapshot {
+    /// Reads.
+    pub read: OpStatsSnapshot,
+    /// Writes.
+    pub write: OpStatsSnapshot,
+    /// Flushes.
+    pub flush: OpStatsSnapshot,
+    /// Discards.
+    pub discard: OpStatsSnapshot,
+    /// Write-zeroes.
+    pub write_zeroes: OpStatsSnapshot,
+}
+
+impl NodeStats {
+    fn op(&self, op: RequestOp) -> &OpStats {
+        match op {
+            RequestOp::Read => &self.read,
+            RequestOp::Write => &self.write,
+            RequestOp::Flush => &self.flush,
+            RequestOp::Discard => &self.discard,
+            RequestOp::WriteZeroes => &self.write_zeroes,
+        }
+    }
+
+    /// Record one finished operation that started at `start`.
+    pub fn record(
+        &self,
+        op: RequestOp,
+        start: Option<Instant>,
+        result: &Result<u64, RequestError>,
+    ) {
+        let ns = start.map_or(0, |s| s.elapsed().as_nanos() as u64);
+        let (bytes, ok) = match result {
+            Ok(b) => (*b, true),
+            Err(_) => (0, false),
+        };
+        self.op(op).record(bytes, ok, ns);
+    }
+
+    /// A consistent-enough copy of the counters.
+    pub fn snapshot(&self) -> NodeStatsSnapshot {
+        NodeStatsSnapshot {
+            read: self.read.snapshot(),
+            write: self.write.snapshot(),
+            flush: self.flush.snapshot(),
+            discard: self.discard.snapshot(),
+            write_zeroes: self.write_zeroes.snapshot(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_counts_bytes_only_for_successes() {
+        let s = NodeStats::default();
+        s.record(RequestOp::Read, None, &Ok(4096));
+        s.record(RequestOp::Read, None, &Err(RequestError::ReadOnly));
+        let snap = s.snapshot();
+        assert_eq!(snap.read.ops, 2);
+        assert_eq!(snap.read.bytes, 4096);
+        assert_eq!(snap.read.errors, 1);
+        assert_eq!(snap.write.ops, 0);
+    }
+
+    #[test]
+    fn histogram_buckets_by_power_of_two() {
+        let s = OpStats::default();
+        s.record(0, true, 1000); // 2^9 <= 1000 < 2^10
+        s.record(0, true, 1024); // 2^10
+        let snap = s.snapshot();
+        assert_eq!(snap.histogram[9], 1);
+        assert_eq!(snap.histogram[10], 1);
+    }
+}

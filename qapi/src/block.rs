@@ -1,0 +1,188 @@
+//! Typed `--blockdev` / `blockdev-add` options, shaped like QEMU's
+//! `BlockdevOptions` union (qapi/block-core.json): common members plus one
+//! struct per driver, selected by `driver`.
+//!
+//! Parsing goes through [`crate::de`], which accepts both the keyval form
+//! (every scalar is a string, typed on demand) and the JSON form (scalars are
+//! strictly typed, as QEMU's JSON input visitor does).
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::Size;
+
+/// A complete `--blockdev` definition: the common members and the driver's own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BlockdevOptions {
+    /// Members every driver takes.
+    #[serde(flatten)]
+    pub common: BlockdevCommon,
+    /// The driver and its own members.
+    #[serde(flatten)]
+    pub driver: BlockdevDriver,
+}
+
+/// `BlockdevOptions` common members (everything except `driver`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevCommon {
+    /// Node name; generated (`#blockNNN`) when absent.
+    pub node_name: Option<String>,
+    /// Open read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Fall back to read-only when read-write cannot be had.
+    #[serde(default)]
+    pub auto_read_only: bool,
+    /// Cache mode.
+    #[serde(default)]
+    pub cache: BlockdevCacheOptions,
+    /// Discard requests: passed down (`unmap`) or dropped (`ignore`, default).
+    #[serde(default)]
+    pub discard: BlockdevDiscardOptions,
+    /// Zero detection on writes.
+    #[serde(default)]
+    pub detect_zeroes: BlockdevDetectZeroesOptions,
+}
+
+/// `cache.*` members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevCacheOptions {
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+    /// Ignore flush requests.
+    #[serde(default)]
+    pub no_flush: bool,
+}
+
+/// `discard`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockdevDiscardOptions {
+    /// Discard requests are completed without doing anything.
+    #[default]
+    Ignore,
+    /// Discard requests are passed to the driver.
+    Unmap,
+}
+
+/// `detect-zeroes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockdevDetectZeroesOptions {
+    /// No detection.
+    #[default]
+    Off,
+    /// All-zero writes become write-zeroes requests.
+    On,
+    /// As `on`, and may unmap when `discard=unmap`.
+    Unmap,
+}
+
+/// The driver-specific part, tagged by `driver`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "driver")]
+pub enum BlockdevDriver {
+    /// QEMU's file-posix protocol driver.
+    #[serde(rename = "file")]
+    File(BlockdevOptionsFile),
+    /// The raw format driver (optionally a window over its child).
+    #[serde(rename = "raw")]
+    Raw(BlockdevOptionsRaw),
+    /// The null protocol driver.
+    #[serde(rename = "null-co")]
+    NullCo(BlockdevOptionsNull),
+}
+
+impl BlockdevDriver {
+    /// The `driver` name as written on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::File(_) => "file",
+            Self::Raw(_) => "raw",
+            Self::NullCo(_) => "null-co",
+        }
+    }
+}
+
+/// `aio` for the `file` driver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockdevAioOptions {
+    /// A worker-thread pool doing preadv/pwritev.
+    #[default]
+    Threads,
+    /// Linux io_uring.
+    IoUring,
+}
+
+/// `locking` for the `file` driver.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOffAuto {
+    /// Decide by what the host supports.
+    #[default]
+    Auto,
+    /// Required.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// `driver=file` members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsFile {
+    /// Path of the image file or block device.
+    pub filename: String,
+    /// I/O engine.
+    #[serde(default)]
+    pub aio: BlockdevAioOptions,
+    /// OFD image locking.
+    #[serde(default)]
+    pub locking: OnOffAuto,
+}
+
+/// A child reference: either the name of an existing node or an inline
+/// definition (`file.driver=file,file.filename=x`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum BlockdevRef {
+    /// An inline node definition.
+    Definition(Box<BlockdevOptions>),
+    /// The node name of an existing node.
+    Reference(String),
+}
+
+/// `driver=raw` members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsRaw {
+    /// The child node.
+    pub file: BlockdevRef,
+    /// Start of the window in the child, bytes.
+    pub offset: Option<Size>,
+    /// Length of the window, bytes (default: to the end of the child).
+    pub size: Option<Size>,
+}
+
+/// `driver=null-co` members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsNull {
+    /// Virtual size in bytes (default 1 GiB, as QEMU).
+    pub size: Option<Size>,
+    /// Reads return zeroes (default off: buffers are left untouched).
+    #[serde(default)]
+    pub read_zeroes: bool,
+    /// Artificial completion latency, nanoseconds.
+    #[serde(default)]
+    pub latency_ns: u64,
+}
+
+mod parse;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use parse::blockdev_at;

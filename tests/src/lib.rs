@@ -1,0 +1,2 @@
+//! Integration tests for the `blkvm` binary live in `tests/tests/`; this
+//! library is empty.

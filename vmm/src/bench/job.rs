@@ -1,0 +1,222 @@
+//! The benchmark loop: keep `iodepth` requests in flight on one node queue,
+//! timing each from submission to completion.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use block::{BlockLimits, Completion, NodeQueue, Request, RequestOp};
+use clap::ValueEnum;
+
+use super::buffers::Buffers;
+
+/// The access pattern, with fio's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Pattern {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+    /// Random mixed reads and writes (--rwmixread).
+    Randrw,
+}
+
+impl Pattern {
+    /// Whether the pattern writes at all.
+    pub fn writes(self, rwmixread: u8) -> bool {
+        match self {
+            Pattern::Read | Pattern::Randread => false,
+            Pattern::Randrw => rwmixread < 100,
+            Pattern::Write | Pattern::Randwrite => true,
+        }
+    }
+
+    fn random(self) -> bool {
+        !matches!(self, Pattern::Read | Pattern::Write)
+    }
+}
+
+/// What to run.
+pub struct JobSpec {
+    pub pattern: Pattern,
+    pub rwmixread: u8,
+    pub bs: u64,
+    pub iodepth: usize,
+    pub size: u64,
+    pub runtime: Option<Duration>,
+    pub count: Option<u64>,
+    pub progress: bool,
+}
+
+/// Results for one direction.
+#[derive(Default)]
+pub struct OpResult {
+    pub ios: u64,
+    pub bytes: u64,
+    pub lat_ns: Vec<u64>,
+}
+
+/// What a run measured.
+pub struct JobResult {
+    pub elapsed: Duration,
+    pub read: OpResult,
+    pub write: OpResult,
+}
+
+/// xorshift64*: fast, and good enough to spread offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+struct Issuer<'a> {
+    spec: &'a JobSpec,
+    bufs: Buffers,
+    rng: Rng,
+    next_seq: u64,
+    blocks: u64,
+    issued: u64,
+    iovecs: Vec<Vec<libc::iovec>>,
+    starts: Vec<Instant>,
+}
+
+impl Issuer<'_> {
+    fn submit(&mut self, queue: &mut dyn NodeQueue, slot: usize) -> Result<()> {
+        let spec = self.spec;
+        let block = if spec.pattern.random() {
+            self.rng.next() % self.blocks
+        } else {
+            let b = self.next_seq;
+            self.next_seq = (b + 1) % self.blocks;
+            b
+        };
+        let write = match spec.pattern {
+            Pattern::Read | Pattern::Randread => false,
+            Pattern::Write | Pattern::Randwrite => true,
+            Pattern::Randrw => self.rng.next() % 100 >= u64::from(spec.rwmixread),
+        };
+        let mut iov = std::mem::take(&mut self.iovecs[slot]);
+        iov.clear();
+        iov.push(self.bufs.iovec(slot, spec.bs as usize));
+        let offset = block * spec.bs;
+        // SAFETY: the slot's buffer lives in `self.bufs`, which outlives the
+        // request: `run` waits for every request before returning.
+        let req = unsafe {
+            if write {
+                Request::write(offset, iov, false)
+            } else {
+                Request::read(offset, iov)
+            }
+        };
+        self.starts[slot] = Instant::now();
+        self.issued += 1;
+        queue.submit(req.with_user_data(slot as u64)).map_err(|e| {
+            anyhow!(
+                "submitting a request at offset {offset} failed: {}",
+                e.error
+            )
+        })
+    }
+}
+
+/// Runs the job on `queue` until the runtime or count is reached.
+pub fn run(queue: &mut dyn NodeQueue, _limits: &BlockLimits, spec: &JobSpec) -> Result<JobResult> {
+    let mut iss = Issuer {
+        spec,
+        bufs: Buffers::new(spec.iodepth, spec.bs as usize)?,
+        rng: Rng(0x9e37_79b9_7f4a_7c15),
+        next_seq: 0,
+        blocks: spec.size / spec.bs,
+        issued: 0,
+        iovecs: vec![Vec::with_capacity(1); spec.iodepth],
+        starts: vec![Instant::now(); spec.iodepth],
+    };
+    let expected = spec.count.unwrap_or(1 << 20).min(1 << 24) as usize;
+    let mut read = OpResult {
+        lat_ns: Vec::with_capacity(expected),
+        ..OpResult::default()
+    };
+    let mut write = OpResult {
+        lat_ns: Vec::with_capacity(expected),
+        ..OpResult::default()
+    };
+    let begin = Instant::now();
+    let deadline = spec.runtime.map(|r| begin + r);
+    let more = |issued: u64, now: Instant| {
+        spec.count.is_none_or(|c| issued < c) && deadline.is_none_or(|d| now < d)
+    };
+    let mut failure = None;
+    for slot in 0..spec.iodepth {
+        if !more(iss.issued, Instant::now()) {
+            break;
+        }
+        iss.submit(queue, slot)?;
+    }
+    let mut done: Vec<Completion> = Vec::with_capacity(spec.iodepth);
+    let mut last_progress = begin;
+    let mut last_ios = 0u64;
+    while queue.in_flight() > 0 {
+        queue.wait_completions(1, &mut done);
+        let now = Instant::now();
+        for mut c in done.drain(..) {
+            let slot = c.request.user_data as usize;
+            let r = if c.request.op() == RequestOp::Write {
+                &mut write
+            } else {
+                &mut read
+            };
+            match c.result {
+                Ok(n) => {
+                    r.ios += 1;
+                    r.bytes += n;
+                    r.lat_ns.push((now - iss.starts[slot]).as_nanos() as u64);
+                }
+                Err(e) => {
+                    failure.get_or_insert(anyhow!(
+                        "{:?} at offset {} failed: {e}",
+                        c.request.op(),
+                        c.request.offset()
+                    ));
+                }
+            }
+            iss.iovecs[slot] = c.request.take_iovecs();
+            if failure.is_none() && more(iss.issued, now) {
+                if let Err(e) = iss.submit(queue, slot) {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if spec.progress && now - last_progress >= Duration::from_secs(1) {
+            let ios = read.ios + write.ios;
+            let rate = (ios - last_ios) as f64 / (now - last_progress).as_secs_f64();
+            print!(
+                "\r[{:6.1}s] {:>10.0} IOPS",
+                (now - begin).as_secs_f64(),
+                rate
+            );
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            last_progress = now;
+            last_ios = ios;
+        }
+    }
+    if spec.progress {
+        print!("\r{:40}\r", "");
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(JobResult {
+        elapsed: begin.elapsed(),
+        read,
+        write,
+    })
+}

@@ -1,0 +1,127 @@
+//! `blkvm bench`: drives one node of a block graph from one thread, the way
+//! an IOThread would (one node queue, batched submissions, completions from
+//! the queue's eventfd), and reports IOPS, bandwidth and latency
+//! percentiles. Comparable runs of `qemu-img bench` and fio are in
+//! `resources/bench/`.
+
+mod buffers;
+mod job;
+mod report;
+
+use anyhow::{bail, Context, Result};
+use block::BlockGraph;
+use clap::{Args, ValueEnum};
+
+pub use job::Pattern;
+
+/// `blkvm bench` arguments.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A block node in QEMU's --blockdev syntax (keyval or JSON); repeatable.
+    #[arg(long = "blockdev", required = true, value_name = "OPTIONS")]
+    blockdevs: Vec<String>,
+    /// The node to measure (default: the node of the last --blockdev).
+    #[arg(long)]
+    node: Option<String>,
+    /// I/O pattern.
+    #[arg(long, value_enum, default_value = "randread")]
+    rw: Pattern,
+    /// Percentage of reads for --rw randrw.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    rwmixread: u8,
+    /// Block size (suffixes k, M, G).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// Requests kept in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    iodepth: u32,
+    /// Seconds to run (default 10 unless --count is given).
+    #[arg(long)]
+    runtime: Option<f64>,
+    /// Stop after this many requests.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Bytes of the node to use, from offset 0 (default: all of it).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Output format for humans: progress line when stdout is a terminal.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: Progress,
+}
+
+/// Whether to print a live progress line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Progress {
+    /// When stdout is a terminal.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    qapi::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Runs the benchmark and prints its report.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let mut graph = BlockGraph::new();
+    let mut last = None;
+    for arg in &args.blockdevs {
+        let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
+        let node = graph.add(&opts)?;
+        last = Some(node.node_name().to_string());
+    }
+    let name = args.node.clone().or(last).context("no --blockdev given")?;
+    let node = graph.attach(&name, "bench")?;
+    let capacity = node.capacity();
+    let size = args.size.unwrap_or(capacity);
+    if size > capacity {
+        bail!("--size {size} exceeds the size of node '{name}' ({capacity} bytes)");
+    }
+    if args.bs == 0 || args.bs > size || args.bs > u64::from(u32::MAX) {
+        bail!(
+            "--bs {} must be between 1 and the size used ({size} bytes)",
+            args.bs
+        );
+    }
+    if args.rw.writes(args.rwmixread) && node.read_only() {
+        bail!("node '{name}' is read-only: --rw {:?} writes", args.rw);
+    }
+    let runtime = match (args.runtime, args.count) {
+        (Some(r), _) if !(r > 0.0 && r.is_finite()) => {
+            bail!("--runtime must be a positive number of seconds")
+        }
+        (Some(r), _) => Some(std::time::Duration::from_secs_f64(r)),
+        (None, Some(_)) => None,
+        (None, None) => Some(std::time::Duration::from_secs(10)),
+    };
+    let progress = match args.progress {
+        Progress::Auto => !args.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        Progress::On => true,
+        Progress::Off => false,
+    };
+    let spec = job::JobSpec {
+        pattern: args.rw,
+        rwmixread: args.rwmixread,
+        bs: args.bs,
+        iodepth: args.iodepth as usize,
+        size,
+        runtime,
+        count: args.count,
+        progress,
+    };
+    let mut queue = node.open_queue()?;
+    let result = job::run(queue.as_mut(), &node.limits(), &spec)?;
+    let report = report::Report::new(&name, node.driver(), &spec, &result);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! Turning measured latencies into the numbers people compare: IOPS,
+//! MiB/s, mean and percentile latencies, as text and as JSON.
+
+use serde_json::{json, Value};
+
+use super::job::{JobResult, JobSpec, OpResult};
+
+/// Summary of one direction.
+pub struct OpSummary {
+    pub ios: u64,
+    pub iops: f64,
+    pub mib_s: f64,
+    pub mean_ns: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+impl OpSummary {
+    fn new(r: &OpResult, secs: f64) -> Self {
+        let mut lat = r.lat_ns.clone();
+        lat.sort_unstable();
+        let mean = if lat.is_empty() {
+            0.0
+        } else {
+            lat.iter().map(|&l| l as f64).sum::<f64>() / lat.len() as f64
+        };
+        OpSummary {
+            ios: r.ios,
+            iops: r.ios as f64 / secs,
+            mib_s: r.bytes as f64 / secs / (1024.0 * 1024.0),
+            mean_ns: mean,
+            p50_ns: percentile(&lat, 0.50),
+            p99_ns: percentile(&lat, 0.99),
+            p999_ns: percentile(&lat, 0.999),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "ios": self.ios,
+            "iops": self.iops,
+            "mib_s": self.mib_s,
+            "lat_ns": {
+                "mean": self.mean_ns,
+                "p50": self.p50_ns,
+                "p99": self.p99_ns,
+                "p99.9": self.p999_ns,
+            },
+        })
+    }
+
+    fn to_text(&self, name: &str) -> String {
+        let us = |ns: f64| ns / 1000.0;
+        format!(
+            "  {name:5}: IOPS={:.0}, BW={:.1} MiB/s, lat(us) mean={:.1} p50={:.1} p99={:.1} p99.9={:.1}\n",
+            self.iops,
+            self.mib_s,
+            us(self.mean_ns),
+            us(self.p50_ns as f64),
+            us(self.p99_ns as f64),
+            us(self.p999_ns as f64),
+        )
+    }
+}
+
+/// The whole report.
+pub struct Report {
+    node: String,
+    driver: &'static str,
+    pattern: String,
+    bs: u64,
+    iodepth: usize,
+    secs: f64,
+    total: OpSummary,
+    read: OpSummary,
+    write: OpSummary,
+}
+
+impl Report {
+    pub fn new(node: &str, driver: &'static str, spec: &JobSpec, r: &JobResult) -> Self {
+        let secs = r.elapsed.as_secs_f64().max(1e-9);
+        let mut all = OpResult {
+            ios: r.read.ios + r.write.ios,
+            bytes: r.read.bytes + r.write.bytes,
+            lat_ns: r.read.lat_ns.clone(),
+        };
+        all.lat_ns.extend_from_slice(&r.write.lat_ns);
+        Report {
+            node: node.to_string(),
+            driver,
+            pattern: format!("{:?}", spec.pattern).to_lowercase(),
+            bs: spec.bs,
+            iodepth: spec.iodepth,
+            secs,
+            total: OpSummary::new(&all, secs),
+            read: OpSummary::new(&r.read, secs),
+            write: OpSummary::new(&r.write, secs),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "node": self.node,
+            "driver": self.driver,
+            "rw": self.pattern,
+            "bs": self.bs,
+            "iodepth": self.iodepth,
+            "runtime_s": self.secs,
+            "ios": self.total.ios,
+            "iops": self.total.iops,
+            "mib_s": self.total.mib_s,
+            "lat_ns": self.total.to_json()["lat_ns"],
+            "read": self.read.to_json(),
+            "write": self.write.to_json(),
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={}, {:.2} s, {} requests\n",
+            self.node, self.driver, self.pattern, self.bs, self.iodepth, self.secs, self.total.ios
+        );
+        if self.read.ios > 0 {
+            s += &self.read.to_text("read");
+        }
+        if self.write.ios > 0 {
+            s += &self.write.to_text("write");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_picks_nearest_rank() {
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 0.5), 501);
+        assert_eq!(percentile(&v, 0.99), 990);
+        assert_eq!(percentile(&[], 0.99), 0);
+    }
+}

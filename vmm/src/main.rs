@@ -1,0 +1,36 @@
+//! `blkvm`: the command line. Each subcommand lives in its own module; this
+//! file parses arguments and prints errors with their whole cause chain.
+
+mod bench;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// blkvm: a KVM microVM monitor built around a QEMU-style block layer.
+#[derive(Parser)]
+#[command(name = "blkvm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure a block node: IOPS, bandwidth and latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkvm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
