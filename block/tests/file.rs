@@ -101,6 +101,23 @@ fn unsafe_is_root() -> bool {
 }
 
 #[test]
+fn closing_an_io_uring_node_releases_its_lock_at_once() {
+    let img = Image::new(1 << 20);
+    for _ in 0..20 {
+        let mut g = BlockGraph::new();
+        let n = add(
+            &mut g,
+            &format!("file,filename={},aio=io_uring,node-name=a", img.path()),
+        )
+        .unwrap();
+        let mut d = Disk::new(g, n);
+        assert_eq!(d.write(0, &[1; 512]), Ok(512));
+        // Dropping the queue and the graph must leave the image unlocked,
+        // although the kernel frees an io_uring ring asynchronously.
+    }
+}
+
+#[test]
 fn a_grown_file_is_picked_up_on_request() {
     let img = Image::new(1 << 20);
     let mut g = BlockGraph::new();

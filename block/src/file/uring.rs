@@ -23,6 +23,12 @@ use crate::{sys, BlockError};
 const RING_ENTRIES: u32 = 256;
 /// Most requests in the kernel at once (the CQ is twice the SQ).
 const MAX_IN_RING: usize = 2 * RING_ENTRIES as usize;
+/// Most SQEs handed to the kernel in one `io_uring_enter`. The kernel
+/// plugs a multi-request submission and notifies the device only at its
+/// end, so one large batch leaves the device idle while the rest is
+/// prepared; measured here at iodepth 32, unlimited batches gave ~8% fewer
+/// IOPS than batches of 1 to 4 (QEMU caps its batches too: `aio-max-batch`).
+const MAX_SUBMIT_BATCH: usize = 4;
 /// Worker threads for the slow path.
 const SLOW_THREADS: usize = 2;
 
@@ -133,6 +139,9 @@ impl UringQueue {
         debug_assert!(pushed.is_ok());
         self.unsubmitted += 1;
         self.in_ring += 1;
+        if self.unsubmitted >= MAX_SUBMIT_BATCH {
+            self.flush_sq();
+        }
     }
 
     /// Submits queued SQEs; false when the kernel would not take them now.
@@ -302,5 +311,10 @@ impl Drop for UringQueue {
             }
             self.reap(&mut sink);
         }
+        // The ring is torn down asynchronously by the kernel; a registered
+        // file it still held would keep the image's OFD locks alive after
+        // we are gone, so a quick re-open (a restarted process) would find
+        // the image locked. Unregistering drops the file now.
+        let _ = self.ring.submitter().unregister_files();
     }
 }

@@ -90,7 +90,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     if args.rw.writes(args.rwmixread) && node.read_only() {
-        bail!("node '{name}' is read-only: --rw {:?} writes", args.rw);
+        bail!(
+            "node '{name}' is read-only: --rw {} writes",
+            format!("{:?}", args.rw).to_lowercase()
+        );
     }
     let runtime = match (args.runtime, args.count) {
         (Some(r), _) if !(r > 0.0 && r.is_finite()) => {
