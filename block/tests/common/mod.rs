@@ -88,8 +88,9 @@ impl Buf {
                 break;
             }
             // SAFETY: `at + n <= len`: inside the buffer.
+            let p = unsafe { base.add(at) };
             out.push(libc::iovec {
-                iov_base: unsafe { base.add(at) }.cast(),
+                iov_base: p.cast(),
                 iov_len: n,
             });
             at += n;
