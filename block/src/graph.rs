@@ -12,6 +12,7 @@ use std::sync::Arc;
 use qapi::{BlockdevDriver, BlockdevOptions, BlockdevRef};
 
 use crate::file::FileNode;
+use crate::memory::RamRegistrar;
 use crate::node::BlockNode;
 use crate::null::NullNode;
 use crate::raw::RawNode;
@@ -35,6 +36,7 @@ struct Entry {
 pub struct BlockGraph {
     nodes: BTreeMap<String, Entry>,
     next_auto: u32,
+    registrar: RamRegistrar,
 }
 
 /// Nodes opened by one `add`, inserted only when all of them opened.
@@ -56,6 +58,11 @@ impl BlockGraph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The RAM registrar every node of this graph follows.
+    pub fn registrar(&self) -> &RamRegistrar {
+        &self.registrar
     }
 
     /// Opens a node (and its inline children) and adds it to the graph.
@@ -107,7 +114,12 @@ impl BlockGraph {
         let common = &opts.common;
         let mut children = Vec::new();
         let node: Arc<dyn BlockNode> = match &opts.driver {
-            BlockdevDriver::File(f) => Arc::new(FileNode::open(name.clone(), common, f)?),
+            BlockdevDriver::File(f) => Arc::new(FileNode::open(
+                name.clone(),
+                common,
+                f,
+                self.registrar.clone(),
+            )?),
             BlockdevDriver::NullCo(n) => Arc::new(NullNode::open(name.clone(), common, n)?),
             BlockdevDriver::Raw(r) => {
                 let child = match &r.file {
@@ -126,6 +138,14 @@ impl BlockGraph {
                 };
                 let (offset, size) = (r.offset.map(|s| s.0), r.size.map(|s| s.0));
                 Arc::new(RawNode::open(name.clone(), common, child, offset, size)?)
+            }
+            // Temporary until the libblkio arms land (helper-2 replaces this).
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(BlockError::Invalid(format!(
+                    "driver '{}' is not built yet",
+                    other.name()
+                )))
             }
         };
         for child in children {

@@ -7,15 +7,18 @@
 //! - [`node`]: the [`BlockNode`] control plane and [`NodeQueue`] data plane;
 //! - [`graph`]: [`BlockGraph`], names, children, users;
 //! - drivers: [`file`] (threads and io_uring engines), [`raw`], [`null`];
+//! - [`memory`]: the RAM registrar; [`bounce`]: per-queue bounce pools;
 //! - [`limits`], [`stats`]; system calls live in `sys` and the engines.
 
 #![deny(missing_docs)]
 
+pub mod bounce;
 mod completion;
 mod error;
 pub mod file;
 pub mod graph;
 pub mod limits;
+pub mod memory;
 pub mod node;
 pub mod null;
 pub mod raw;
@@ -26,6 +29,7 @@ mod sys;
 pub use error::BlockError;
 pub use graph::BlockGraph;
 pub use limits::BlockLimits;
+pub use memory::{MemoryRegion, RamRegistrar, RegionId};
 pub use node::{BlockNode, NodeQueue};
 pub use request::{Completion, Request, RequestError, RequestFlags, RequestOp, SubmitError};
 pub use stats::{NodeStats, NodeStatsSnapshot, OpStatsSnapshot};

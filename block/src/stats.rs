@@ -77,6 +77,14 @@ impl OpStats {
 /// Statistics of one node, per operation kind.
 #[derive(Debug, Default)]
 pub struct NodeStats {
+    /// Memory regions a queue of this node could not register or map
+    /// (requests in them take the bounce or unregistered path instead).
+    region_map_failures: AtomicU64,
+    /// Requests whose buffers lay in registered memory (fixed buffers,
+    /// mapped regions) and went to the driver as they were.
+    registered_ops: AtomicU64,
+    /// Requests copied through a bounce buffer.
+    bounced_ops: AtomicU64,
     read: OpStats,
     write: OpStats,
     flush: OpStats,
@@ -87,6 +95,12 @@ pub struct NodeStats {
 /// A snapshot of [`NodeStats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeStatsSnapshot {
+    /// Memory regions that could not be registered or mapped.
+    pub region_map_failures: u64,
+    /// Requests served from registered memory.
+    pub registered_ops: u64,
+    /// Requests copied through a bounce buffer.
+    pub bounced_ops: u64,
     /// Reads.
     pub read: OpStatsSnapshot,
     /// Writes.
@@ -125,9 +139,27 @@ impl NodeStats {
         self.op(op).record(bytes, ok, ns);
     }
 
+    /// Count a memory region a queue could not register or map.
+    pub fn count_region_map_failure(&self) {
+        self.region_map_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a request served from registered memory.
+    pub fn count_registered(&self) {
+        self.registered_ops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a request copied through a bounce buffer.
+    pub fn count_bounced(&self) {
+        self.bounced_ops.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> NodeStatsSnapshot {
         NodeStatsSnapshot {
+            region_map_failures: self.region_map_failures.load(Ordering::Relaxed),
+            registered_ops: self.registered_ops.load(Ordering::Relaxed),
+            bounced_ops: self.bounced_ops.load(Ordering::Relaxed),
             read: self.read.snapshot(),
             write: self.write.snapshot(),
             flush: self.flush.snapshot(),

@@ -6,6 +6,7 @@
 //! also serves requests that O_DIRECT cannot take as they are (unaligned
 //! offsets, lengths or buffers) by bouncing them through aligned memory.
 
+mod fixed;
 mod lock;
 mod sync_io;
 mod threads;
@@ -23,6 +24,7 @@ use qapi::{BlockdevAioOptions, BlockdevCommon, BlockdevOptionsFile, OnOffAuto};
 pub use lock::FileLockError;
 
 use crate::limits::BlockLimits;
+use crate::memory::RamRegistrar;
 use crate::node::{BlockNode, NodeCommon, NodeQueue};
 use crate::request::Request;
 use crate::stats::NodeStats;
@@ -71,6 +73,7 @@ pub struct FileNode {
     inner: Arc<FileInner>,
     aio: BlockdevAioOptions,
     stats: Arc<NodeStats>,
+    registrar: RamRegistrar,
 }
 
 fn file_size(file: &File) -> io::Result<u64> {
@@ -97,6 +100,7 @@ impl FileNode {
         name: String,
         common: &BlockdevCommon,
         opts: &BlockdevOptionsFile,
+        registrar: RamRegistrar,
     ) -> Result<Self, BlockError> {
         let direct = common.cache.direct;
         let open_err = |source: io::Error| BlockError::Open {
@@ -160,6 +164,7 @@ impl FileNode {
             }),
             aio: opts.aio,
             stats: Arc::default(),
+            registrar,
         })
     }
 }
@@ -199,6 +204,7 @@ impl BlockNode for FileNode {
             common: self.common.clone(),
             inner: self.inner.clone(),
             stats: self.stats.clone(),
+            registrar: self.registrar.clone(),
         };
         Ok(match self.aio {
             BlockdevAioOptions::Threads => {
@@ -215,4 +221,5 @@ pub(crate) struct QueueContext {
     common: NodeCommon,
     inner: Arc<FileInner>,
     stats: Arc<NodeStats>,
+    registrar: RamRegistrar,
 }

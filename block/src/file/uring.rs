@@ -12,6 +12,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fixed::FixedBuffers;
 use super::threads::{check_segments, WorkerPool};
 use super::QueueContext;
 use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
@@ -36,6 +37,7 @@ const SLOW_THREADS: usize = 2;
 pub(super) struct UringQueue {
     ctx: QueueContext,
     ring: IoUring,
+    fixed: FixedBuffers,
     /// Requests in the ring, indexed by their SQE's user_data.
     slots: Vec<Option<Request>>,
     free: Vec<u32>,
@@ -72,6 +74,7 @@ impl UringQueue {
             .map_err(os("register the eventfd with io_uring"))?;
         Ok(UringQueue {
             slow: WorkerPool::new(ctx.clone(), SLOW_THREADS, eventfd.clone())?,
+            fixed: FixedBuffers::new(&ring, &ctx.registrar),
             ctx,
             ring,
             slots: Vec::with_capacity(MAX_IN_RING),
@@ -86,27 +89,39 @@ impl UringQueue {
         })
     }
 
-    fn sqe_for(req: &Request, slot: u32) -> squeue::Entry {
+    fn sqe_for(req: &Request, slot: u32, fixed: Option<u16>) -> squeue::Entry {
         let fd = types::Fixed(0);
         let fua = if req.flags().fua { libc::RWF_DSYNC } else { 0 };
         let iov = req.iovecs();
-        let entry = match (req.op(), iov.len()) {
-            (RequestOp::Read, 1) => {
-                opcode::Read::new(fd, iov[0].iov_base.cast(), iov[0].iov_len as u32)
-                    .offset(req.offset())
-                    .build()
+        let (off, n) = (req.offset(), iov.len() as u32);
+        let (base, len) = iov.first().map_or((std::ptr::null_mut(), 0), |v| {
+            (v.iov_base.cast(), v.iov_len as u32)
+        });
+        let entry = match (req.op(), n, fixed) {
+            (RequestOp::Read, 1, Some(i)) => {
+                opcode::ReadFixed::new(fd, base, len, i).offset(off).build()
             }
-            (RequestOp::Read, n) => opcode::Readv::new(fd, iov.as_ptr(), n as u32)
-                .offset(req.offset())
+            (RequestOp::Read, _, Some(i)) => opcode::ReadvFixed::new(fd, iov.as_ptr(), n, i)
+                .offset(off)
                 .build(),
-            (RequestOp::Write, 1) => {
-                opcode::Write::new(fd, iov[0].iov_base.cast(), iov[0].iov_len as u32)
-                    .offset(req.offset())
-                    .rw_flags(fua)
-                    .build()
+            (RequestOp::Read, 1, None) => opcode::Read::new(fd, base, len).offset(off).build(),
+            (RequestOp::Read, _, None) => {
+                opcode::Readv::new(fd, iov.as_ptr(), n).offset(off).build()
             }
-            (RequestOp::Write, n) => opcode::Writev::new(fd, iov.as_ptr(), n as u32)
-                .offset(req.offset())
+            (RequestOp::Write, 1, Some(i)) => opcode::WriteFixed::new(fd, base, len, i)
+                .offset(off)
+                .rw_flags(fua)
+                .build(),
+            (RequestOp::Write, _, Some(i)) => opcode::WritevFixed::new(fd, iov.as_ptr(), n, i)
+                .offset(off)
+                .rw_flags(fua)
+                .build(),
+            (RequestOp::Write, 1, None) => opcode::Write::new(fd, base, len)
+                .offset(off)
+                .rw_flags(fua)
+                .build(),
+            (RequestOp::Write, _, None) => opcode::Writev::new(fd, iov.as_ptr(), n)
+                .offset(off)
                 .rw_flags(fua)
                 .build(),
             _ => opcode::Fsync::new(fd)
@@ -129,7 +144,14 @@ impl UringQueue {
                 (self.slots.len() - 1) as u32
             }
         };
-        let sqe = Self::sqe_for(&req, slot);
+        let fixed = match req.op() {
+            RequestOp::Read | RequestOp::Write => self.fixed.lookup(req.iovecs()),
+            _ => None,
+        };
+        if fixed.is_some() {
+            self.ctx.stats.count_registered();
+        }
+        let sqe = Self::sqe_for(&req, slot, fixed);
         self.slots[slot as usize] = Some(req);
         // SAFETY: the SQE points at the request's buffers (valid until
         // completion by the request's contract) and at its iovec array,
@@ -232,6 +254,7 @@ impl NodeQueue for UringQueue {
             Precheck::Forward(req) => req,
         };
         let req = check_segments(req, self.ctx.inner.limits.max_segments)?;
+        self.fixed.sync(&self.ring, &self.ctx.stats);
         let inner = &self.ctx.inner;
         let fast = match req.op() {
             RequestOp::Read | RequestOp::Write => {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use block::{BlockLimits, Completion, NodeQueue, Request, RequestOp};
+use block::{BlockLimits, Completion, NodeQueue, RamRegistrar, RegionId, Request, RequestOp};
 use clap::ValueEnum;
 
 use super::buffers::Buffers;
@@ -39,8 +39,23 @@ impl Pattern {
     }
 }
 
+/// Where the benchmark's buffers live, as seen by the block layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BufferMode {
+    /// In memory registered once with the RAM registrar (as guest RAM is).
+    Registered,
+    /// In plain memory the registrar does not know: drivers that need
+    /// registered memory copy through their bounce pool.
+    Bounce,
+    /// Each buffer is registered before its request and unregistered after
+    /// it: what a block layer without a registrar must do for drivers that
+    /// need memory regions.
+    MapPerRequest,
+}
+
 /// What to run.
 pub struct JobSpec {
+    pub buffers: BufferMode,
     pub pattern: Pattern,
     pub rwmixread: u8,
     pub bs: u64,
@@ -87,9 +102,19 @@ struct Issuer<'a> {
     issued: u64,
     iovecs: Vec<Vec<libc::iovec>>,
     starts: Vec<Instant>,
+    registrar: &'a RamRegistrar,
+    /// Per-slot regions in map-per-request mode.
+    mapped: Vec<Option<RegionId>>,
 }
 
 impl Issuer<'_> {
+    /// Undoes what `submit` registered for `slot` (map-per-request).
+    fn finish(&mut self, slot: usize) {
+        if let Some(id) = self.mapped[slot].take() {
+            self.registrar.remove(id);
+        }
+    }
+
     fn submit(&mut self, queue: &mut dyn NodeQueue, slot: usize) -> Result<()> {
         let spec = self.spec;
         let block = if spec.pattern.random() {
@@ -108,6 +133,11 @@ impl Issuer<'_> {
         iov.clear();
         iov.push(self.bufs.iovec(slot, spec.bs as usize));
         let offset = block * spec.bs;
+        if spec.buffers == BufferMode::MapPerRequest {
+            if let Some(r) = self.bufs.slot_region(slot) {
+                self.mapped[slot] = Some(self.registrar.add(r));
+            }
+        }
         // SAFETY: the slot's buffer lives in `self.bufs`, which outlives the
         // request: `run` waits for every request before returning.
         let req = unsafe {
@@ -129,10 +159,39 @@ impl Issuer<'_> {
 }
 
 /// Runs the job on `queue` until the runtime or count is reached.
-pub fn run(queue: &mut dyn NodeQueue, _limits: &BlockLimits, spec: &JobSpec) -> Result<JobResult> {
+pub fn run(
+    queue: &mut dyn NodeQueue,
+    registrar: &RamRegistrar,
+    _limits: &BlockLimits,
+    spec: &JobSpec,
+) -> Result<JobResult> {
+    let bufs = Buffers::new(
+        spec.iodepth,
+        spec.bs as usize,
+        spec.buffers != BufferMode::Bounce,
+    )?;
+    let whole = match spec.buffers {
+        BufferMode::Registered => bufs.region().map(|r| registrar.add(r)),
+        _ => None,
+    };
+    let result = run_with(queue, registrar, bufs, spec);
+    if let Some(id) = whole {
+        registrar.remove(id);
+    }
+    result
+}
+
+fn run_with(
+    queue: &mut dyn NodeQueue,
+    registrar: &RamRegistrar,
+    bufs: Buffers,
+    spec: &JobSpec,
+) -> Result<JobResult> {
     let mut iss = Issuer {
         spec,
-        bufs: Buffers::new(spec.iodepth, spec.bs as usize)?,
+        bufs,
+        registrar,
+        mapped: vec![None; spec.iodepth],
         rng: Rng(0x9e37_79b9_7f4a_7c15),
         next_seq: 0,
         blocks: spec.size / spec.bs,
@@ -189,6 +248,7 @@ pub fn run(queue: &mut dyn NodeQueue, _limits: &BlockLimits, spec: &JobSpec) -> 
                 }
             }
             iss.iovecs[slot] = c.request.take_iovecs();
+            iss.finish(slot);
             if failure.is_none() && more(iss.issued, now) {
                 if let Err(e) = iss.submit(queue, slot) {
                     failure.get_or_insert(e);

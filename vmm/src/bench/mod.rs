@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use block::BlockGraph;
 use clap::{Args, ValueEnum};
 
-pub use job::Pattern;
+pub use job::{BufferMode, Pattern};
 
 /// `blkvm bench` arguments.
 #[derive(Args, Debug)]
@@ -44,12 +44,49 @@ pub struct BenchArgs {
     /// Bytes of the node to use, from offset 0 (default: all of it).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// Where the buffers live: registered once with the RAM registrar, in
+    /// plain memory (drivers that need registered memory bounce), mapped
+    /// around each request, or all three in turn.
+    #[arg(long, value_enum, default_value = "registered")]
+    buffers: BuffersArg,
+    /// Repeat the run(s) this many times, modes interleaved, and report
+    /// each mode's median run (the disks here are noisy).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
     /// Output format for humans: progress line when stdout is a terminal.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Progress,
+}
+
+/// `--buffers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BuffersArg {
+    /// Registered once.
+    Registered,
+    /// Plain memory.
+    Bounce,
+    /// Registered and unregistered around each request.
+    MapPerRequest,
+    /// The three in turn, with ratios to registered.
+    All,
+}
+
+impl BuffersArg {
+    fn modes(self) -> Vec<BufferMode> {
+        match self {
+            BuffersArg::Registered => vec![BufferMode::Registered],
+            BuffersArg::Bounce => vec![BufferMode::Bounce],
+            BuffersArg::MapPerRequest => vec![BufferMode::MapPerRequest],
+            BuffersArg::All => vec![
+                BufferMode::Registered,
+                BufferMode::Bounce,
+                BufferMode::MapPerRequest,
+            ],
+        }
+    }
 }
 
 /// Whether to print a live progress line.
@@ -108,23 +145,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Progress::On => true,
         Progress::Off => false,
     };
-    let spec = job::JobSpec {
-        pattern: args.rw,
-        rwmixread: args.rwmixread,
-        bs: args.bs,
-        iodepth: args.iodepth as usize,
-        size,
-        runtime,
-        count: args.count,
-        progress,
-    };
     let mut queue = node.open_queue()?;
-    let result = job::run(queue.as_mut(), &node.limits(), &spec)?;
-    let report = report::Report::new(&name, node.driver(), &spec, &result);
+    let modes = args.buffers.modes();
+    let mut runs: Vec<Vec<report::Report>> = modes.iter().map(|_| Vec::new()).collect();
+    for _ in 0..args.rounds {
+        for (i, &buffers) in modes.iter().enumerate() {
+            let spec = job::JobSpec {
+                buffers,
+                pattern: args.rw,
+                rwmixread: args.rwmixread,
+                bs: args.bs,
+                iodepth: args.iodepth as usize,
+                size,
+                runtime,
+                count: args.count,
+                progress,
+            };
+            let result = job::run(queue.as_mut(), graph.registrar(), &node.limits(), &spec)?;
+            runs[i].push(report::Report::new(&name, node.driver(), &spec, &result));
+        }
+    }
+    let reports: Vec<report::Report> = runs.into_iter().map(report::median).collect();
+    let stats = node.stats().snapshot();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::to_json(&reports, &stats))?
+        );
     } else {
-        print!("{}", report.to_text());
+        print!("{}", report::to_text(&reports, &stats));
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 use serde_json::{json, Value};
 
+use block::NodeStatsSnapshot;
+
 use super::job::{JobResult, JobSpec, OpResult};
 
 /// Summary of one direction.
@@ -74,6 +76,7 @@ impl OpSummary {
 
 /// The whole report.
 pub struct Report {
+    buffers: String,
     node: String,
     driver: &'static str,
     pattern: String,
@@ -95,6 +98,7 @@ impl Report {
         };
         all.lat_ns.extend_from_slice(&r.write.lat_ns);
         Report {
+            buffers: format!("{:?}", spec.buffers),
             node: node.to_string(),
             driver,
             pattern: format!("{:?}", spec.pattern).to_lowercase(),
@@ -109,6 +113,7 @@ impl Report {
 
     pub fn to_json(&self) -> Value {
         json!({
+            "buffers": kebab(&self.buffers),
             "node": self.node,
             "driver": self.driver,
             "rw": self.pattern,
@@ -126,8 +131,15 @@ impl Report {
 
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={}, {:.2} s, {} requests\n",
-            self.node, self.driver, self.pattern, self.bs, self.iodepth, self.secs, self.total.ios
+            "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={} buffers={}, {:.2} s, {} requests\n",
+            self.node,
+            self.driver,
+            self.pattern,
+            self.bs,
+            self.iodepth,
+            kebab(&self.buffers),
+            self.secs,
+            self.total.ios
         );
         if self.read.ios > 0 {
             s += &self.read.to_text("read");
@@ -139,9 +151,92 @@ impl Report {
     }
 }
 
+/// The run with the median IOPS.
+pub fn median(mut runs: Vec<Report>) -> Report {
+    runs.sort_by(|a, b| a.total.iops.total_cmp(&b.total.iops));
+    let mid = runs.len() / 2;
+    runs.swap_remove(mid)
+}
+
+/// `MapPerRequest` -> `map-per-request`.
+fn kebab(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// Counters from the node that show which path requests took.
+fn paths_json(stats: &NodeStatsSnapshot) -> Value {
+    json!({
+        "registered_ops": stats.registered_ops,
+        "bounced_ops": stats.bounced_ops,
+        "region_map_failures": stats.region_map_failures,
+    })
+}
+
+/// One run: its report. Several: each, plus ratios to the first
+/// (registered) run.
+pub fn to_json(reports: &[Report], stats: &NodeStatsSnapshot) -> Value {
+    let mut v = match reports {
+        [one] => one.to_json(),
+        _ => json!({
+            "runs": reports.iter().map(Report::to_json).collect::<Vec<_>>(),
+            "ratio_to_registered": reports
+                .iter()
+                .map(|r| (kebab(&r.buffers), json!(r.total.iops / reports[0].total.iops)))
+                .collect::<serde_json::Map<_, _>>(),
+        }),
+    };
+    v["node_paths"] = paths_json(stats);
+    v
+}
+
+/// Text for one run, or a table for several.
+pub fn to_text(reports: &[Report], stats: &NodeStatsSnapshot) -> String {
+    let paths = format!(
+        "  node paths: {} registered, {} bounced, {} region map failures\n",
+        stats.registered_ops, stats.bounced_ops, stats.region_map_failures
+    );
+    if let [one] = reports {
+        return one.to_text() + &paths;
+    }
+    let first = &reports[0];
+    let mut s = format!(
+        "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={}\n\n",
+        first.node, first.driver, first.pattern, first.bs, first.iodepth
+    );
+    s += "| buffers | IOPS | lat mean (us) | p50 | p99 | p99.9 | vs registered |\n";
+    s += "|---|---:|---:|---:|---:|---:|---:|\n";
+    for r in reports {
+        let t = &r.total;
+        s += &format!(
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |\n",
+            kebab(&r.buffers),
+            t.iops,
+            t.mean_ns / 1000.0,
+            t.p50_ns as f64 / 1000.0,
+            t.p99_ns as f64 / 1000.0,
+            t.p999_ns as f64 / 1000.0,
+            t.iops / first.total.iops
+        );
+    }
+    s + "\n" + &paths
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kebab_splits_words() {
+        assert_eq!(kebab("MapPerRequest"), "map-per-request");
+        assert_eq!(kebab("Registered"), "registered");
+    }
 
     #[test]
     fn percentile_picks_nearest_rank() {
