@@ -1,0 +1,385 @@
+//! The virtio-blk queue handler: one per virtqueue, owning its node queue
+//! and its in-flight table. It turns available chains into block requests
+//! whose iovecs point straight into guest RAM, and finished block requests
+//! into used-ring entries. The VMM's devices and the vhost-user-blk export
+//! both drive it; they differ only in how kicks and interrupts travel.
+//!
+//! A bad request is completed with an error status and the loop goes on;
+//! a chain without even a status byte is returned with a used length of 0.
+//! Nothing here blocks, and nothing allocates once the tables are warm.
+
+use std::sync::Arc;
+
+use block::{BlockNode, Completion, NodeQueue, Request, RequestError};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+use super::config::{BlkOptions, MAX_DISCARD_SEG, SECTOR_SIZE};
+use super::request::{read_range, BlkRequest, BlkRequestType, VirtioBlkError, DISCARD_RANGE_LEN};
+use super::GuestMem;
+
+/// Length of the GET_ID string (5.2.6).
+const ID_LEN: usize = 20;
+
+/// Why a queue stopped being served.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkHandlerError {
+    /// The driver's avail index ran more than a queue's worth ahead.
+    #[error("the driver's avail index ran ahead of the queue")]
+    AvailRunaway,
+    /// The rings are not in guest memory.
+    #[error("virtqueue rings are not accessible")]
+    Queue(#[source] virtio_queue::Error),
+}
+
+#[derive(Default)]
+struct Slot {
+    req: BlkRequest,
+    /// Keeps guest RAM mapped while the node may touch it.
+    mem: Option<Arc<GuestMem>>,
+    pending: u32,
+    status: u8,
+    used_len: u32,
+}
+
+/// Counters a test or QMP can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkQueueCounters {
+    /// Chains popped from the avail ring.
+    pub requests: u64,
+    /// Chains completed with an error status.
+    pub errors: u64,
+}
+
+/// One virtqueue's handler.
+pub struct BlkQueueHandler {
+    node: Arc<dyn BlockNode>,
+    queue: Box<dyn NodeQueue>,
+    serial: [u8; ID_LEN],
+    read_only: bool,
+    opts: BlkOptions,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    done: Vec<Completion>,
+    iovecs: Vec<Vec<libc::iovec>>,
+    counters: BlkQueueCounters,
+}
+
+impl BlkQueueHandler {
+    /// A handler serving `node` through its own node `queue`.
+    pub fn new(node: Arc<dyn BlockNode>, queue: Box<dyn NodeQueue>, opts: &BlkOptions) -> Self {
+        let mut serial = [0u8; ID_LEN];
+        let s = opts.serial.as_bytes();
+        serial[..s.len().min(ID_LEN)].copy_from_slice(&s[..s.len().min(ID_LEN)]);
+        BlkQueueHandler {
+            read_only: opts.read_only || node.read_only(),
+            node,
+            queue,
+            serial,
+            opts: opts.clone(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            iovecs: Vec::new(),
+            counters: BlkQueueCounters::default(),
+        }
+    }
+
+    /// The node queue's completion fd, to watch in the thread's epoll.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.queue.completion_fd()
+    }
+
+    /// Requests handed to the node and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> BlkQueueCounters {
+        self.counters
+    }
+
+    /// Pops every available chain and submits it (5.2.6). Returns whether
+    /// the guest should be notified now.
+    pub fn process_queue(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> Result<bool, BlkHandlerError> {
+        check_avail(queue, mem)?;
+        let mut used = false;
+        loop {
+            queue
+                .disable_notification(mem.as_ref())
+                .map_err(BlkHandlerError::Queue)?;
+            while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
+                used |= self.start(chain, queue, mem);
+            }
+            if !queue
+                .enable_notification(mem.as_ref())
+                .map_err(BlkHandlerError::Queue)?
+            {
+                break;
+            }
+        }
+        self.queue.kick();
+        Ok(used
+            && queue
+                .needs_notification(mem.as_ref())
+                .map_err(BlkHandlerError::Queue)?)
+    }
+
+    /// Completes what the node finished. Returns whether to notify.
+    pub fn process_completions(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+    ) -> Result<bool, BlkHandlerError> {
+        let mut done = std::mem::take(&mut self.done);
+        self.queue.poll_completions(&mut done);
+        let used = !done.is_empty();
+        self.complete(&mut done, queue, mem);
+        self.done = done;
+        Ok(used
+            && queue
+                .needs_notification(mem)
+                .map_err(BlkHandlerError::Queue)?)
+    }
+
+    /// Waits for every in-flight request and completes it (device stop,
+    /// reset, shutdown).
+    pub fn drain(&mut self, queue: &mut Queue, mem: &GuestMem) {
+        let mut done = std::mem::take(&mut self.done);
+        while self.in_flight() > 0 && self.queue.in_flight() > 0 {
+            self.queue.wait_completions(1, &mut done);
+            self.complete(&mut done, queue, mem);
+        }
+        self.done = done;
+    }
+
+    fn complete(&mut self, done: &mut Vec<Completion>, queue: &mut Queue, mem: &GuestMem) {
+        for mut c in done.drain(..) {
+            let idx = c.request.user_data as usize;
+            self.iovecs.push(c.request.take_iovecs());
+            let Some(slot) = self.slots.get_mut(idx) else {
+                continue;
+            };
+            if c.result.is_err() {
+                slot.status = VirtioBlkError::Io.status();
+            }
+            slot.pending = slot.pending.saturating_sub(1);
+            if slot.pending == 0 {
+                self.finish(idx, queue, mem);
+            }
+        }
+    }
+
+    fn take_slot(&mut self) -> usize {
+        match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Starts one chain. Returns whether it was completed at once.
+    fn start(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMem>,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> bool {
+        self.counters.requests += 1;
+        let idx = self.take_slot();
+        let slot = &mut self.slots[idx];
+        slot.status = VIRTIO_BLK_S_OK as u8;
+        slot.used_len = 1;
+        slot.pending = 0;
+        let parsed = slot.req.parse(chain, mem);
+        let result = parsed.and_then(|()| self.submit(idx, mem));
+        match result {
+            Ok(()) if self.slots[idx].pending > 0 => {
+                self.slots[idx].mem = Some(mem.clone());
+                false
+            }
+            Ok(()) => {
+                self.finish(idx, queue, mem);
+                true
+            }
+            Err(e) => {
+                let slot = &mut self.slots[idx];
+                slot.status = e.status();
+                if slot.pending == 0 {
+                    self.finish(idx, queue, mem);
+                    true
+                } else {
+                    // Some ranges were submitted: complete when they finish.
+                    self.slots[idx].mem = Some(mem.clone());
+                    false
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self, idx: usize, mem: &GuestMem) -> Result<(), VirtioBlkError> {
+        let kind = self.slots[idx]
+            .req
+            .kind
+            .unwrap_or(BlkRequestType::Unsupported(u32::MAX));
+        match kind {
+            BlkRequestType::In | BlkRequestType::Out => {
+                let req = &self.slots[idx].req;
+                let write = kind == BlkRequestType::Out;
+                if write && self.read_only {
+                    return Err(VirtioBlkError::Io);
+                }
+                let mut iov = self.iovecs.pop().unwrap_or_default();
+                iov.clear();
+                for s in &req.data {
+                    for slice in mem.get_slices(s.addr, s.len as usize) {
+                        let slice = slice.map_err(|_| VirtioBlkError::Io)?;
+                        iov.push(libc::iovec {
+                            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                            iov_len: slice.len(),
+                        });
+                    }
+                }
+                let offset = req.sector * SECTOR_SIZE;
+                if !write {
+                    self.slots[idx].used_len = (req.data_len + 1).min(u64::from(u32::MAX)) as u32;
+                }
+                // SAFETY: the iovecs point into guest RAM mapped by `mem`;
+                // the slot keeps an `Arc` of that mapping until the request
+                // completes, so the memory stays valid.
+                let r = unsafe {
+                    if write {
+                        Request::write(offset, iov, false)
+                    } else {
+                        Request::read(offset, iov)
+                    }
+                };
+                self.push(idx, r)
+            }
+            BlkRequestType::Flush => self.push(idx, Request::flush()),
+            BlkRequestType::GetId => self.get_id(idx, mem),
+            BlkRequestType::Discard | BlkRequestType::WriteZeroes => self.ranges(idx, kind, mem),
+            BlkRequestType::Unsupported(_) => Err(VirtioBlkError::Unsupported),
+        }
+    }
+
+    /// Hands a block request for slot `idx` to the node.
+    fn push(&mut self, idx: usize, r: Request) -> Result<(), VirtioBlkError> {
+        match self.queue.submit(r.with_user_data(idx as u64)) {
+            Ok(()) => {
+                self.slots[idx].pending += 1;
+                Ok(())
+            }
+            Err(mut e) => {
+                self.iovecs.push(e.request.take_iovecs());
+                Err(match e.error {
+                    RequestError::Unsupported => VirtioBlkError::Unsupported,
+                    _ => VirtioBlkError::Io,
+                })
+            }
+        }
+    }
+
+    fn get_id(&mut self, idx: usize, mem: &GuestMem) -> Result<(), VirtioBlkError> {
+        let req = &self.slots[idx].req;
+        let mut written = 0usize;
+        for s in &req.data {
+            if written == ID_LEN {
+                break;
+            }
+            let n = (s.len as usize).min(ID_LEN - written);
+            mem.write_slice(&self.serial[written..written + n], s.addr)
+                .map_err(|_| VirtioBlkError::Io)?;
+            written += n;
+        }
+        self.slots[idx].used_len = written as u32 + 1;
+        Ok(())
+    }
+
+    fn ranges(
+        &mut self,
+        idx: usize,
+        kind: BlkRequestType,
+        mem: &GuestMem,
+    ) -> Result<(), VirtioBlkError> {
+        let zeroes = kind == BlkRequestType::WriteZeroes;
+        let offered = if zeroes {
+            self.opts.write_zeroes
+        } else {
+            self.opts.discard
+        };
+        if !offered || self.read_only {
+            return Err(if self.read_only {
+                VirtioBlkError::Io
+            } else {
+                VirtioBlkError::Unsupported
+            });
+        }
+        let len = self.slots[idx].req.data_len;
+        let n = len / DISCARD_RANGE_LEN as u64;
+        if !len.is_multiple_of(DISCARD_RANGE_LEN as u64) || n == 0 || n > u64::from(MAX_DISCARD_SEG) {
+            return Err(VirtioBlkError::BadSegment);
+        }
+        for i in 0..n as usize {
+            let r = read_range(&self.slots[idx].req.data, i, mem)?;
+            let (offset, bytes) = r
+                .sector
+                .checked_mul(SECTOR_SIZE)
+                .zip(u64::from(r.num_sectors).checked_mul(SECTOR_SIZE))
+                .ok_or(VirtioBlkError::BadSector)?;
+            if !zeroes && r.flags != 0 {
+                return Err(VirtioBlkError::Unsupported);
+            }
+            let req = if zeroes {
+                Request::write_zeroes(offset, bytes, r.flags & 1 != 0)
+            } else {
+                Request::discard(offset, bytes)
+            };
+            self.push(idx, req)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the status and returns the chain to the driver.
+    fn finish(&mut self, idx: usize, queue: &mut Queue, mem: &GuestMem) {
+        let slot = &mut self.slots[idx];
+        if slot.status != VIRTIO_BLK_S_OK as u8 {
+            self.counters.errors += 1;
+        }
+        let len = match slot.req.status {
+            Some(addr) if mem.write_obj(slot.status, addr).is_ok() => slot.used_len,
+            _ => 0,
+        };
+        // A failure here means the used ring is not in guest memory; the
+        // next kick's avail check reports the queue broken.
+        let _ = queue.add_used(mem, slot.req.head, len);
+        slot.mem = None;
+        self.free.push(idx as u32);
+    }
+
+    /// The node behind this queue.
+    pub fn node(&self) -> &Arc<dyn BlockNode> {
+        &self.node
+    }
+}
+
+/// Refuses a driver whose avail index is more than a queue ahead (the
+/// device must not loop over stale entries: vm-virtio PR #196).
+fn check_avail(queue: &Queue, mem: &GuestMem) -> Result<(), BlkHandlerError> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(BlkHandlerError::Queue)?;
+    let ahead = avail - std::num::Wrapping(queue.next_avail());
+    if ahead.0 > queue.size() {
+        return Err(BlkHandlerError::AvailRunaway);
+    }
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! The virtio-blk data plane shared by the VMM's devices and the storage
+//! daemon's vhost-user-blk export: features and config space
+//! ([`config`]), checked request parsing ([`request`]), and the per-queue
+//! handler ([`handler`]).
+
+pub mod config;
+pub mod handler;
+pub mod request;
+
+/// Guest memory as both front ends map it.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+
+pub use config::BlkOptions;
+pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler};
+pub use request::{BlkRequest, BlkRequestType, VirtioBlkError};
+
+#[cfg(test)]
+mod tests;
