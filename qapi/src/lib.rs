@@ -20,6 +20,7 @@
 
 pub mod block;
 pub mod de;
+pub mod export;
 mod error;
 pub mod keyval;
 pub mod object;

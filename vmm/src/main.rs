@@ -2,6 +2,8 @@
 //! file parses arguments and prints errors with their whole cause chain.
 
 mod bench;
+mod signals;
+mod storage_daemon;
 
 use std::process::ExitCode;
 
@@ -19,12 +21,16 @@ struct Cli {
 enum Command {
     /// Measure a block node: IOPS, bandwidth and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Serve block nodes to other processes (vhost-user-blk), like
+    /// qemu-storage-daemon.
+    StorageDaemon(storage_daemon::StorageDaemonArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::StorageDaemon(args) => storage_daemon::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,6 +52,28 @@ pub struct BlkQueueCounters {
     pub errors: u64,
 }
 
+/// Spare iovec vectors, recycled so a warm queue never allocates. They
+/// are cleared before reuse; the addresses they held are never read.
+#[derive(Default)]
+struct IovecPool(Vec<Vec<libc::iovec>>);
+
+// SAFETY: the vectors only carry capacity between requests; their stale
+// contents are cleared before use and never dereferenced.
+unsafe impl Send for IovecPool {}
+
+impl IovecPool {
+    fn take(&mut self) -> Vec<libc::iovec> {
+        let mut v = self.0.pop().unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    fn give(&mut self, mut v: Vec<libc::iovec>) {
+        v.clear();
+        self.0.push(v);
+    }
+}
+
 /// One virtqueue's handler.
 pub struct BlkQueueHandler {
     node: Arc<dyn BlockNode>,
@@ -62,8 +84,9 @@ pub struct BlkQueueHandler {
     slots: Vec<Slot>,
     free: Vec<u32>,
     done: Vec<Completion>,
-    iovecs: Vec<Vec<libc::iovec>>,
+    iovecs: IovecPool,
     counters: BlkQueueCounters,
+    writethrough: bool,
 }
 
 impl BlkQueueHandler {
@@ -81,8 +104,9 @@ impl BlkQueueHandler {
             slots: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
-            iovecs: Vec::new(),
+            iovecs: IovecPool::default(),
             counters: BlkQueueCounters::default(),
+            writethrough: false,
         }
     }
 
@@ -159,10 +183,37 @@ impl BlkQueueHandler {
         self.done = done;
     }
 
+    /// Waits for every in-flight request and forgets it without touching
+    /// the rings: the driver that owned them is gone (frontend disconnect).
+    pub fn abandon(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        while self.in_flight() > 0 && self.queue.in_flight() > 0 {
+            self.queue.wait_completions(1, &mut done);
+            for mut c in done.drain(..) {
+                self.iovecs.give(c.request.take_iovecs());
+                let idx = c.request.user_data as usize;
+                if let Some(slot) = self.slots.get_mut(idx) {
+                    slot.pending = slot.pending.saturating_sub(1);
+                    if slot.pending == 0 {
+                        slot.mem = None;
+                        self.free.push(idx as u32);
+                    }
+                }
+            }
+        }
+        self.done = done;
+    }
+
+    /// Write-through mode (CONFIG_WCE with writeback off): every write is
+    /// made durable before it completes.
+    pub fn set_writethrough(&mut self, on: bool) {
+        self.writethrough = on;
+    }
+
     fn complete(&mut self, done: &mut Vec<Completion>, queue: &mut Queue, mem: &GuestMem) {
         for mut c in done.drain(..) {
             let idx = c.request.user_data as usize;
-            self.iovecs.push(c.request.take_iovecs());
+            self.iovecs.give(c.request.take_iovecs());
             let Some(slot) = self.slots.get_mut(idx) else {
                 continue;
             };
@@ -237,8 +288,7 @@ impl BlkQueueHandler {
                 if write && self.read_only {
                     return Err(VirtioBlkError::Io);
                 }
-                let mut iov = self.iovecs.pop().unwrap_or_default();
-                iov.clear();
+                let mut iov = self.iovecs.take();
                 for s in &req.data {
                     for slice in mem.get_slices(s.addr, s.len as usize) {
                         let slice = slice.map_err(|_| VirtioBlkError::Io)?;
@@ -257,7 +307,7 @@ impl BlkQueueHandler {
                 // completes, so the memory stays valid.
                 let r = unsafe {
                     if write {
-                        Request::write(offset, iov, false)
+                        Request::write(offset, iov, self.writethrough)
                     } else {
                         Request::read(offset, iov)
                     }
@@ -279,7 +329,7 @@ impl BlkQueueHandler {
                 Ok(())
             }
             Err(mut e) => {
-                self.iovecs.push(e.request.take_iovecs());
+                self.iovecs.give(e.request.take_iovecs());
                 Err(match e.error {
                     RequestError::Unsupported => VirtioBlkError::Unsupported,
                     _ => VirtioBlkError::Io,
@@ -325,7 +375,8 @@ impl BlkQueueHandler {
         }
         let len = self.slots[idx].req.data_len;
         let n = len / DISCARD_RANGE_LEN as u64;
-        if !len.is_multiple_of(DISCARD_RANGE_LEN as u64) || n == 0 || n > u64::from(MAX_DISCARD_SEG) {
+        if !len.is_multiple_of(DISCARD_RANGE_LEN as u64) || n == 0 || n > u64::from(MAX_DISCARD_SEG)
+        {
             return Err(VirtioBlkError::BadSegment);
         }
         for i in 0..n as usize {
