@@ -1,15 +1,78 @@
 #!/usr/bin/env bash
 # Installs what blkvm's tests and benchmarks need on a fresh Debian 12
-# machine. Idempotent: packages already present are not fetched again.
+# machine. Idempotent: packages already present are not fetched again,
+# and when everything is present this makes no network access at all.
 set -euo pipefail
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+updated=""
+apt_update() {
+    [ -n "$updated" ] || $sudo apt-get update -qq
+    updated=1
+}
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"
+}
+
+# busybox-static, cpio and kmod build the real-Linux-guest initramfs
+# (resources/guest/).
 need=()
-for pkg in qemu-utils fio e2fsprogs util-linux; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod; do
+    installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
+    apt_update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+
+# qemu-system-x86 10.x from backports runs the real-Linux-guest tests
+# (vhost-user-blk-pci under TCG). Bookworm's 7.2 conflicts with the
+# qemu-utils 10.x the image ships, so it must come from backports.
+qemu_major() {
+    dpkg-query -W -f='${Version}' "$1" 2>/dev/null | sed -E 's/^[0-9]+://; s/[^0-9].*//'
+}
+if [ "$(qemu_major qemu-system-x86)" -lt 10 ] 2>/dev/null || ! installed qemu-system-x86; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+    suite="$codename-backports"
+    if ! grep -rqsw -- "$suite" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        # The mirror is whatever this machine already uses for Debian:
+        # the first URI of a deb822 stanza or sources.list line whose
+        # suites include the release's codename.
+        uri=""
+        for f in /etc/apt/sources.list.d/*.sources; do
+            [ -f "$f" ] || continue
+            uri=$(awk -v c="$codename" 'BEGIN { RS = ""; FS = "\n" }
+                {
+                    u = ""; s = ""
+                    for (i = 1; i <= NF; i++) {
+                        if ($i ~ /^URIs:/) { u = $i; sub(/^URIs:[ \t]*/, "", u) }
+                        if ($i ~ /^Suites:/) { s = $i " " }
+                    }
+                    if (u != "" && index(s, " " c " ")) { split(u, a, " "); print a[1]; exit }
+                }' "$f")
+            [ -z "$uri" ] || break
+        done
+        if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+            uri=$(awk -v c="$codename" '$1 == "deb" {
+                    for (i = 2; i < NF; i++)
+                        if ($i ~ /^[a-z+]+:\/\// && $(i + 1) == c) { print $i; exit }
+                }' /etc/apt/sources.list)
+        fi
+        if [ -z "$uri" ]; then
+            echo "setup.sh: no Debian $codename source found under /etc/apt to derive $suite from" >&2
+            exit 1
+        fi
+        keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+        {
+            echo "Types: deb"
+            echo "URIs: $uri"
+            echo "Suites: $suite"
+            echo "Components: main"
+            [ ! -f "$keyring" ] || echo "Signed-By: $keyring"
+        } | $sudo tee "/etc/apt/sources.list.d/$suite.sources" >/dev/null
+        updated=""
+    fi
+    apt_update
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends -t "$suite" qemu-system-x86
 fi

@@ -18,6 +18,17 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// A libblkio driver could not reach or set up its device.
+    #[error("Could not open '{driver}' at '{path}'")]
+    Driver {
+        /// The driver name (`virtio-blk-vhost-user`...).
+        driver: &'static str,
+        /// The file, socket or device path.
+        path: String,
+        /// What failed, with libblkio's message.
+        #[source]
+        source: io::Error,
+    },
     /// Another user holds a conflicting image lock.
     #[error("Could not lock '{path}': is another process using the image?")]
     Lock {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use qapi::{BlockdevDriver, BlockdevOptions, BlockdevRef};
 
+use crate::blkio::BlkioNode;
 use crate::file::FileNode;
 use crate::memory::RamRegistrar;
 use crate::node::BlockNode;
@@ -139,14 +140,36 @@ impl BlockGraph {
                 let (offset, size) = (r.offset.map(|s| s.0), r.size.map(|s| s.0));
                 Arc::new(RawNode::open(name.clone(), common, child, offset, size)?)
             }
-            // Temporary until the libblkio arms land (helper-2 replaces this).
-            #[allow(unreachable_patterns)]
-            other => {
-                return Err(BlockError::Invalid(format!(
-                    "driver '{}' is not built yet",
-                    other.name()
-                )))
-            }
+            BlockdevDriver::IoUring(o) => Arc::new(BlkioNode::open(
+                name.clone(),
+                common,
+                o.into(),
+                self.registrar.clone(),
+            )?),
+            BlockdevDriver::NvmeIoUring(o) => Arc::new(BlkioNode::open(
+                name.clone(),
+                common,
+                o.into(),
+                self.registrar.clone(),
+            )?),
+            BlockdevDriver::VirtioBlkVhostUser(o) => Arc::new(BlkioNode::open(
+                name.clone(),
+                common,
+                o.into(),
+                self.registrar.clone(),
+            )?),
+            BlockdevDriver::VirtioBlkVhostVdpa(o) => Arc::new(BlkioNode::open(
+                name.clone(),
+                common,
+                o.into(),
+                self.registrar.clone(),
+            )?),
+            BlockdevDriver::VirtioBlkVfioPci(o) => Arc::new(BlkioNode::open(
+                name.clone(),
+                common,
+                o.into(),
+                self.registrar.clone(),
+            )?),
         };
         for child in children {
             if let Some((_, e)) = pending.entries.iter_mut().find(|(n, _)| *n == child) {

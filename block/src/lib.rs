@@ -12,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+pub mod blkio;
 pub mod bounce;
 mod completion;
 mod error;

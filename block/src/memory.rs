@@ -33,20 +33,19 @@ impl MemoryRegion {
     fn end(&self) -> u64 {
         self.host_addr.saturating_add(self.len)
     }
-
-    fn same_as(&self, other: &MemoryRegion) -> bool {
-        self.host_addr == other.host_addr
-            && self.len == other.len
-            && self.fd_offset == other.fd_offset
-    }
 }
 
 /// A small integer naming a region while it is registered (ids are reused).
 pub type RegionId = u32;
 
+/// A registered region and the serial number of its registration: a
+/// region removed and added again between two syncs (even at the same
+/// address, with the same id) is a new registration that drivers must
+/// map anew, so views compare serials, never contents.
 #[derive(Default)]
 struct Table {
-    slots: Vec<Option<MemoryRegion>>,
+    slots: Vec<Option<(u64, MemoryRegion)>>,
+    next_serial: u64,
 }
 
 struct RegistrarInner {
@@ -91,7 +90,9 @@ impl RamRegistrar {
                 t.slots.len() - 1
             }
         };
-        t.slots[id] = Some(region);
+        t.next_serial += 1;
+        let serial = t.next_serial;
+        t.slots[id] = Some((serial, region));
         self.inner.generation.fetch_add(1, Ordering::Release);
         id as RegionId
     }
@@ -100,7 +101,11 @@ impl RamRegistrar {
     /// driver holds its own reference until they complete.
     pub fn remove(&self, id: RegionId) -> Option<MemoryRegion> {
         let mut t = self.table();
-        let r = t.slots.get_mut(id as usize).and_then(Option::take);
+        let r = t
+            .slots
+            .get_mut(id as usize)
+            .and_then(Option::take)
+            .map(|(_, r)| r);
         if r.is_some() {
             self.inner.generation.fetch_add(1, Ordering::Release);
         }
@@ -113,7 +118,17 @@ impl RamRegistrar {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| r.clone().map(|r| (i as RegionId, r)))
+            .filter_map(|(i, r)| r.clone().map(|(_, r)| (i as RegionId, r)))
+            .collect()
+    }
+
+    /// Every registration: id, serial and region.
+    fn snapshot(&self) -> Vec<(RegionId, u64, MemoryRegion)> {
+        self.table()
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.clone().map(|(serial, r)| (i as RegionId, serial, r)))
             .collect()
     }
 }
@@ -128,6 +143,7 @@ pub enum RegionChange<'a> {
 
 struct ViewEntry {
     id: RegionId,
+    serial: u64,
     region: MemoryRegion,
     accepted: bool,
 }
@@ -157,25 +173,24 @@ impl RegionView {
         if generation == self.generation {
             return;
         }
-        let current = self.registrar.regions();
+        let current = self.registrar.snapshot();
         let mut kept = Vec::with_capacity(current.len());
         for e in self.entries.drain(..) {
-            let still = current
-                .iter()
-                .any(|(id, r)| *id == e.id && r.same_as(&e.region));
+            let still = current.iter().any(|(_, serial, _)| *serial == e.serial);
             if still {
                 kept.push(e);
             } else if e.accepted {
                 apply(RegionChange::Removed(e.id, &e.region));
             }
         }
-        for (id, region) in current {
-            if kept.iter().any(|e| e.id == id) {
+        for (id, serial, region) in current {
+            if kept.iter().any(|e| e.serial == serial) {
                 continue;
             }
             let accepted = apply(RegionChange::Added(id, &region));
             kept.push(ViewEntry {
                 id,
+                serial,
                 region,
                 accepted,
             });
@@ -273,6 +288,23 @@ mod tests {
         assert!(view.lookup(&[iov(0x1000, 16), iov(0x2000, 16)]).is_none());
         assert!(view.lookup(&[iov(0x9000, 16)]).is_none(), "rejected region");
         assert!(view.lookup(&[iov(0x5000, 16)]).is_none());
+    }
+
+    #[test]
+    fn remove_and_add_again_between_syncs_is_seen() {
+        let reg = RamRegistrar::new();
+        let a = reg.add(region(0x1000, 0x1000));
+        let mut view = RegionView::new(&reg);
+        view.sync(&mut |_| true);
+        reg.remove(a);
+        let b = reg.add(region(0x1000, 0x1000));
+        assert_eq!(a, b, "the id is reused");
+        let mut log = Vec::new();
+        view.sync(&mut |c| {
+            log.push(matches!(c, RegionChange::Added(..)));
+            true
+        });
+        assert_eq!(log, vec![false, true], "unmapped, then mapped again");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! One conformance suite, run against every driver and combination: `file`
 //! with each engine, with and without `cache.direct`; `raw` over `file`
-//! (inline child with a window, and a child by reference); `null-co`.
+//! (inline child with a window, and a child by reference); `null-co`;
+//! libblkio's `io_uring` with and without `cache.direct`; and
+//! `virtio-blk-vhost-user` connected to a real qemu-storage-daemon
+//! exporting a file (`cache.direct=on,aio=io_uring`) or `null-co`.
 //! Data is checked byte by byte wherever the driver keeps data.
 
 mod common;
@@ -8,6 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use block::{BlockGraph, BlockNode, RequestError, RequestOp};
+use common::qsd::Qsd;
 use common::{pattern, Disk, Image};
 
 /// How to build the node under test.
@@ -19,30 +23,64 @@ struct Config {
     persistent: bool,
     /// The node is a window starting this far into the image file.
     window_offset: u64,
+    /// qemu-storage-daemon `--blockdev` arguments (`{img}` as above): the
+    /// daemon exports the last one over vhost-user-blk, and `{sock}` in
+    /// `blockdevs` becomes the export's socket.
+    qsd: Option<&'static [&'static str]>,
 }
 
 /// Size of every test image.
 const IMG_SIZE: u64 = 32 << 20;
 
 impl Config {
-    fn open_with(&self, img: &Image, extra: &str) -> (BlockGraph, Arc<dyn BlockNode>) {
+    fn open_with(&self, img: &Image, extra: &str) -> (BlockGraph, Arc<dyn BlockNode>, Option<Qsd>) {
+        let qsd = self.qsd.map(|args| {
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| a.replace("{img}", img.path()))
+                .collect();
+            Qsd::start(&args, 1)
+        });
+        let sock = qsd.as_ref().map_or("", |q| q.sock());
         let mut graph = BlockGraph::new();
         let mut node = None;
         let n = self.blockdevs.len();
         for (i, b) in self.blockdevs.iter().enumerate() {
-            let mut arg = b.replace("{img}", img.path());
+            let mut arg = b.replace("{img}", img.path()).replace("{sock}", sock);
             if i == n - 1 {
                 arg.push_str(extra);
             }
             let opts = qapi::parse_blockdev(&arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
             node = Some(graph.add(&opts).unwrap_or_else(|e| panic!("{arg}: {e}")));
         }
-        (graph, node.expect("at least one blockdev"))
+        (graph, node.expect("at least one blockdev"), qsd)
     }
 
-    fn disk(&self, img: &Image) -> Disk {
-        let (graph, node) = self.open_with(img, "");
-        Disk::new(graph, node)
+    fn disk(&self, img: &Image) -> TestDisk {
+        let (graph, node, qsd) = self.open_with(img, "");
+        TestDisk {
+            disk: Disk::new(graph, node),
+            _qsd: qsd,
+        }
+    }
+}
+
+/// A disk and the daemon behind it, if any (dropped after the disk).
+struct TestDisk {
+    disk: Disk,
+    _qsd: Option<Qsd>,
+}
+
+impl std::ops::Deref for TestDisk {
+    type Target = Disk;
+    fn deref(&self) -> &Disk {
+        &self.disk
+    }
+}
+
+impl std::ops::DerefMut for TestDisk {
+    fn deref_mut(&mut self) -> &mut Disk {
+        &mut self.disk
     }
 }
 
@@ -51,6 +89,7 @@ fn file_threads() -> Config {
         blockdevs: &["file,filename={img},discard=unmap,node-name=t0"],
         persistent: true,
         window_offset: 0,
+        qsd: None,
     }
 }
 fn file_threads_direct() -> Config {
@@ -58,6 +97,7 @@ fn file_threads_direct() -> Config {
         blockdevs: &["file,filename={img},cache.direct=on,discard=unmap,node-name=t0"],
         persistent: true,
         window_offset: 0,
+        qsd: None,
     }
 }
 fn file_io_uring() -> Config {
@@ -65,6 +105,7 @@ fn file_io_uring() -> Config {
         blockdevs: &["file,filename={img},aio=io_uring,discard=unmap,node-name=t0"],
         persistent: true,
         window_offset: 0,
+        qsd: None,
     }
 }
 fn file_io_uring_direct() -> Config {
@@ -72,6 +113,7 @@ fn file_io_uring_direct() -> Config {
         blockdevs: &["file,filename={img},aio=io_uring,cache.direct=on,discard=unmap,node-name=t0"],
         persistent: true,
         window_offset: 0,
+        qsd: None,
     }
 }
 fn raw_window_over_file() -> Config {
@@ -79,6 +121,7 @@ fn raw_window_over_file() -> Config {
         blockdevs: &["raw,file.driver=file,file.filename={img},file.discard=unmap,discard=unmap,offset=1M,size=16M,node-name=t0"],
         persistent: true,
         window_offset: 1 << 20,
+        qsd: None,
     }
 }
 fn raw_over_file_io_uring_direct_by_ref() -> Config {
@@ -89,6 +132,7 @@ fn raw_over_file_io_uring_direct_by_ref() -> Config {
         ],
         persistent: true,
         window_offset: 0,
+        qsd: None,
     }
 }
 fn null_co() -> Config {
@@ -96,6 +140,56 @@ fn null_co() -> Config {
         blockdevs: &["null-co,size=32M,read-zeroes=on,discard=unmap,node-name=t0"],
         persistent: false,
         window_offset: 0,
+        qsd: None,
+    }
+}
+
+fn blkio_io_uring() -> Config {
+    Config {
+        blockdevs: &["io_uring,filename={img},discard=unmap,node-name=t0"],
+        persistent: true,
+        window_offset: 0,
+        qsd: None,
+    }
+}
+fn blkio_io_uring_direct() -> Config {
+    Config {
+        blockdevs: &["io_uring,filename={img},cache.direct=on,discard=unmap,node-name=t0"],
+        persistent: true,
+        window_offset: 0,
+        qsd: None,
+    }
+}
+/// The daemon's side of the vhost-user configs over the image file.
+const QSD_FILE: &[&str] = &[
+    "driver=file,node-name=f0,filename={img},aio=io_uring,cache.direct=on,discard=unmap",
+    "driver=raw,node-name=d0,file=f0,discard=unmap",
+];
+fn vhost_user_qsd_file() -> Config {
+    Config {
+        blockdevs: &["virtio-blk-vhost-user,path={sock},discard=unmap,node-name=t0"],
+        persistent: true,
+        window_offset: 0,
+        qsd: Some(QSD_FILE),
+    }
+}
+fn vhost_user_qsd_null_co() -> Config {
+    Config {
+        blockdevs: &["virtio-blk-vhost-user,path={sock},discard=unmap,node-name=t0"],
+        persistent: false,
+        window_offset: 0,
+        qsd: Some(&["driver=null-co,node-name=d0,size=33554432,read-zeroes=on"]),
+    }
+}
+fn raw_window_over_vhost_user_by_ref() -> Config {
+    Config {
+        blockdevs: &[
+            "virtio-blk-vhost-user,path={sock},discard=unmap,node-name=v0",
+            "raw,file=v0,discard=unmap,offset=1M,size=16M,node-name=t0",
+        ],
+        persistent: true,
+        window_offset: 1 << 20,
+        qsd: Some(QSD_FILE),
     }
 }
 
@@ -254,7 +348,7 @@ fn discard_and_write_zeroes_read_back_as_zeroes(cfg: &Config) {
 
 fn read_only_node_refuses_modification(cfg: &Config) {
     let img = Image::new(IMG_SIZE);
-    let (graph, node) = cfg.open_with(&img, ",read-only=on");
+    let (graph, node, _qsd) = cfg.open_with(&img, ",read-only=on");
     assert!(node.read_only());
     let mut d = Disk::new(graph, node);
     assert_eq!(d.write(0, &[1; 512]), Err(RequestError::ReadOnly));
@@ -323,4 +417,9 @@ conformance!(
     raw_window_over_file,
     raw_over_file_io_uring_direct_by_ref,
     null_co,
+    blkio_io_uring,
+    blkio_io_uring_direct,
+    vhost_user_qsd_file,
+    vhost_user_qsd_null_co,
+    raw_window_over_vhost_user_by_ref,
 );

@@ -93,6 +93,21 @@ pub enum BlockdevDriver {
     /// The null protocol driver.
     #[serde(rename = "null-co")]
     NullCo(BlockdevOptionsNull),
+    /// libblkio's io_uring driver on a file or block device.
+    #[serde(rename = "io_uring")]
+    IoUring(BlockdevOptionsIoUring),
+    /// libblkio's NVMe driver through io_uring passthrough (`/dev/ngXnY`).
+    #[serde(rename = "nvme-io_uring")]
+    NvmeIoUring(BlockdevOptionsNvmeIoUring),
+    /// libblkio's virtio-blk driver over a vhost-user socket.
+    #[serde(rename = "virtio-blk-vhost-user")]
+    VirtioBlkVhostUser(BlockdevOptionsVirtioBlkVhostUser),
+    /// libblkio's virtio-blk driver over a vhost-vdpa character device.
+    #[serde(rename = "virtio-blk-vhost-vdpa")]
+    VirtioBlkVhostVdpa(BlockdevOptionsVirtioBlkVhostVdpa),
+    /// libblkio's virtio-blk driver for a PCI device bound to vfio-pci.
+    #[serde(rename = "virtio-blk-vfio-pci")]
+    VirtioBlkVfioPci(BlockdevOptionsVirtioBlkVfioPci),
 }
 
 impl BlockdevDriver {
@@ -102,6 +117,11 @@ impl BlockdevDriver {
             Self::File(_) => "file",
             Self::Raw(_) => "raw",
             Self::NullCo(_) => "null-co",
+            Self::IoUring(_) => "io_uring",
+            Self::NvmeIoUring(_) => "nvme-io_uring",
+            Self::VirtioBlkVhostUser(_) => "virtio-blk-vhost-user",
+            Self::VirtioBlkVhostVdpa(_) => "virtio-blk-vhost-vdpa",
+            Self::VirtioBlkVfioPci(_) => "virtio-blk-vfio-pci",
         }
     }
 }
@@ -179,6 +199,72 @@ pub struct BlockdevOptionsNull {
     /// Artificial completion latency, nanoseconds.
     #[serde(default)]
     pub latency_ns: u64,
+}
+
+/// The default of the libblkio drivers' `num-queues`.
+fn one_queue() -> u32 {
+    1
+}
+
+/// `driver=io_uring` members (QEMU's `BlockdevOptionsIoUring`). The common
+/// `cache.direct` and `read-only` become libblkio's `direct` and
+/// `read-only` properties.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsIoUring {
+    /// Path of the image file or block device.
+    pub filename: String,
+    /// libblkio queues created at start, one per data-plane thread
+    /// (a blkvm extension; default 1).
+    #[serde(default = "one_queue")]
+    pub num_queues: u32,
+}
+
+/// `driver=nvme-io_uring` members (QEMU's `BlockdevOptionsNvmeIoUring`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsNvmeIoUring {
+    /// Path of the NVMe namespace's generic character device (`/dev/ngXnY`).
+    pub path: String,
+    /// libblkio queues created at start (a blkvm extension; default 1).
+    #[serde(default = "one_queue")]
+    pub num_queues: u32,
+}
+
+/// `driver=virtio-blk-vhost-user` members (QEMU's
+/// `BlockdevOptionsVirtioBlkVhostUser`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsVirtioBlkVhostUser {
+    /// Path of the vhost-user-blk server's unix socket.
+    pub path: String,
+    /// Virtqueues set up at start (a blkvm extension; default 1).
+    #[serde(default = "one_queue")]
+    pub num_queues: u32,
+}
+
+/// `driver=virtio-blk-vhost-vdpa` members (QEMU's
+/// `BlockdevOptionsVirtioBlkVhostVdpa`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsVirtioBlkVhostVdpa {
+    /// Path of the vhost-vdpa character device (`/dev/vhost-vdpa-N`).
+    pub path: String,
+    /// Virtqueues set up at start (a blkvm extension; default 1).
+    #[serde(default = "one_queue")]
+    pub num_queues: u32,
+}
+
+/// `driver=virtio-blk-vfio-pci` members (QEMU's
+/// `BlockdevOptionsVirtioBlkVfioPci`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsVirtioBlkVfioPci {
+    /// The PCI device's sysfs path (`/sys/bus/pci/devices/0000:00:01.0`).
+    pub path: String,
+    /// Virtqueues set up at start (a blkvm extension; default 1).
+    #[serde(default = "one_queue")]
+    pub num_queues: u32,
 }
 
 mod parse;

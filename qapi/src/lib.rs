@@ -20,8 +20,8 @@
 
 pub mod block;
 pub mod de;
-pub mod export;
 mod error;
+pub mod export;
 pub mod keyval;
 pub mod object;
 mod size;

@@ -1,6 +1,7 @@
-//! `aio=io_uring`: one ring per queue, the file registered as fixed file 0,
-//! the ring's completions signalled on the queue's eventfd. Requests are
-//! batched until [`NodeQueue::kick`] (one `io_uring_enter` per batch).
+//! `aio=io_uring`: one ring per queue, registered memory as fixed buffers
+//! (see `super::fixed`), the ring's completions signalled on the queue's
+//! eventfd. Requests are batched until [`NodeQueue::kick`] (at most
+//! `MAX_SUBMIT_BATCH` SQEs per `io_uring_enter`).
 //! Reads, writes (FUA as `RWF_DSYNC`) and flushes go through the ring;
 //! discard and write-zeroes, and reads or writes that O_DIRECT cannot take
 //! as they are, go to a small worker pool that shares the eventfd.
@@ -68,8 +69,6 @@ impl UringQueue {
         let ring = build_ring().map_err(os("set up io_uring"))?;
         let eventfd = Arc::new(new_eventfd()?);
         let sub = ring.submitter();
-        sub.register_files(&[ctx.inner.file.as_raw_fd()])
-            .map_err(os("register the file with io_uring"))?;
         sub.register_eventfd(eventfd.as_raw_fd())
             .map_err(os("register the eventfd with io_uring"))?;
         Ok(UringQueue {
@@ -89,8 +88,12 @@ impl UringQueue {
         })
     }
 
-    fn sqe_for(req: &Request, slot: u32, fixed: Option<u16>) -> squeue::Entry {
-        let fd = types::Fixed(0);
+    fn sqe_for(inner_fd: RawFd, req: &Request, slot: u32, fixed: Option<u16>) -> squeue::Entry {
+        // Not a fixed file: the kernel frees a ring asynchronously, and a
+        // file registered with it would keep the image's OFD locks alive
+        // after the process exits, so a restarted daemon (or QEMU) would
+        // find the image locked.
+        let fd = types::Fd(inner_fd);
         let fua = if req.flags().fua { libc::RWF_DSYNC } else { 0 };
         let iov = req.iovecs();
         let (off, n) = (req.offset(), iov.len() as u32);
@@ -151,7 +154,7 @@ impl UringQueue {
         if fixed.is_some() {
             self.ctx.stats.count_registered();
         }
-        let sqe = Self::sqe_for(&req, slot, fixed);
+        let sqe = Self::sqe_for(self.ctx.inner.file.as_raw_fd(), &req, slot, fixed);
         self.slots[slot as usize] = Some(req);
         // SAFETY: the SQE points at the request's buffers (valid until
         // completion by the request's contract) and at its iovec array,
@@ -334,10 +337,5 @@ impl Drop for UringQueue {
             }
             self.reap(&mut sink);
         }
-        // The ring is torn down asynchronously by the kernel; a registered
-        // file it still held would keep the image's OFD locks alive after
-        // we are gone, so a quick re-open (a restarted process) would find
-        // the image locked. Unregistering drops the file now.
-        let _ = self.ring.submitter().unregister_files();
     }
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod qsd;
+
 use std::sync::Arc;
 
 use block::{BlockGraph, BlockNode, Completion, NodeQueue, Request, RequestError, RequestOp};

@@ -32,6 +32,13 @@ enum DriverName {
     File,
     Raw,
     NullCo,
+    #[serde(rename = "io_uring")]
+    IoUring,
+    #[serde(rename = "nvme-io_uring")]
+    NvmeIoUring,
+    VirtioBlkVhostUser,
+    VirtioBlkVhostVdpa,
+    VirtioBlkVfioPci,
 }
 
 /// Parses the `BlockdevOptions` at the dotted `path` (empty for the root).
@@ -41,6 +48,11 @@ pub(crate) fn blockdev_at(value: &Value, path: &str) -> Result<BlockdevOptions, 
         DriverName::File => BlockdevDriver::File(union.variant()?),
         DriverName::Raw => BlockdevDriver::Raw(union.variant()?),
         DriverName::NullCo => BlockdevDriver::NullCo(union.variant()?),
+        DriverName::IoUring => BlockdevDriver::IoUring(union.variant()?),
+        DriverName::NvmeIoUring => BlockdevDriver::NvmeIoUring(union.variant()?),
+        DriverName::VirtioBlkVhostUser => BlockdevDriver::VirtioBlkVhostUser(union.variant()?),
+        DriverName::VirtioBlkVhostVdpa => BlockdevDriver::VirtioBlkVhostVdpa(union.variant()?),
+        DriverName::VirtioBlkVfioPci => BlockdevDriver::VirtioBlkVfioPci(union.variant()?),
     };
     let common = union.base()?;
     Ok(BlockdevOptions { common, driver })

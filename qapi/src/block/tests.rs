@@ -339,3 +339,111 @@ fn deepest_nesting_allowed_does_not_exhaust_the_stack() {
     }
     assert_eq!(json(value).driver.name(), "raw");
 }
+
+#[test]
+fn io_uring_keyval_and_json_are_equal() {
+    let k = keyval("io_uring,filename=/x,cache.direct=on,read-only=on,num-queues=2");
+    let j = json(json!({
+        "driver": "io_uring", "filename": "/x", "cache": {"direct": true},
+        "read-only": true, "num-queues": 2
+    }));
+    assert_eq!(k, j);
+    assert!(k.common.cache.direct && k.common.read_only);
+    let expected = BlockdevOptionsIoUring {
+        filename: "/x".into(),
+        num_queues: 2,
+    };
+    assert_eq!(k.driver, BlockdevDriver::IoUring(expected));
+    assert_eq!(k.driver.name(), "io_uring");
+}
+
+#[test]
+fn blkio_path_drivers_keyval_and_json_are_equal() {
+    let drivers = [
+        "nvme-io_uring",
+        "virtio-blk-vhost-user",
+        "virtio-blk-vhost-vdpa",
+        "virtio-blk-vfio-pci",
+    ];
+    for driver in drivers {
+        let k = keyval(&format!("{driver},path=/p,node-name=b0,num-queues=4"));
+        let j = json(json!({
+            "driver": driver, "path": "/p", "node-name": "b0", "num-queues": 4
+        }));
+        assert_eq!(k, j, "{driver}");
+        assert_eq!(k.driver.name(), driver);
+        assert_eq!(k.common.node_name.as_deref(), Some("b0"));
+    }
+}
+
+#[test]
+fn blkio_path_drivers_parse_into_their_own_types() {
+    let path = |driver: &str| keyval(&format!("{driver},path=/p")).driver;
+    assert_eq!(
+        path("nvme-io_uring"),
+        BlockdevDriver::NvmeIoUring(BlockdevOptionsNvmeIoUring {
+            path: "/p".into(),
+            num_queues: 1,
+        })
+    );
+    assert_eq!(
+        path("virtio-blk-vhost-user"),
+        BlockdevDriver::VirtioBlkVhostUser(BlockdevOptionsVirtioBlkVhostUser {
+            path: "/p".into(),
+            num_queues: 1,
+        })
+    );
+    assert_eq!(
+        path("virtio-blk-vhost-vdpa"),
+        BlockdevDriver::VirtioBlkVhostVdpa(BlockdevOptionsVirtioBlkVhostVdpa {
+            path: "/p".into(),
+            num_queues: 1,
+        })
+    );
+    assert_eq!(
+        path("virtio-blk-vfio-pci"),
+        BlockdevDriver::VirtioBlkVfioPci(BlockdevOptionsVirtioBlkVfioPci {
+            path: "/p".into(),
+            num_queues: 1,
+        })
+    );
+}
+
+#[test]
+fn blkio_drivers_take_only_their_own_members() {
+    assert_eq!(err("io_uring"), "Parameter 'filename' is missing");
+    assert_eq!(err("io_uring,path=/x"), "Invalid parameter 'path'");
+    assert_eq!(err("virtio-blk-vhost-user"), "Parameter 'path' is missing");
+    assert_eq!(
+        err("virtio-blk-vhost-user,path=/s,filename=/x"),
+        "Invalid parameter 'filename'"
+    );
+    assert_eq!(
+        err("nvme-io_uring,path=/dev/ng0n1,aio=io_uring"),
+        "Invalid parameter 'aio'"
+    );
+    assert_eq!(
+        err("virtio-blk-vfio-pci,path=/p,num-queues=many"),
+        "Parameter 'num-queues' expects a number"
+    );
+    assert_eq!(
+        err("io-uring,filename=/x"),
+        "Parameter 'driver' does not accept value 'io-uring'"
+    );
+    assert_eq!(
+        json_err(json!({"driver": "virtio-blk-vhost-vdpa", "path": "/p", "num-queues": "2"})),
+        "Invalid parameter type for 'num-queues', expected: integer"
+    );
+}
+
+#[test]
+fn blkio_driver_as_inline_raw_child() {
+    let k = keyval("raw,file.driver=virtio-blk-vhost-user,file.path=/s,size=1M");
+    let j = json(json!({
+        "driver": "raw", "size": 1048576,
+        "file": {"driver": "virtio-blk-vhost-user", "path": "/s"}
+    }));
+    assert_eq!(k, j);
+    let back = json(serde_json::to_value(&k).unwrap());
+    assert_eq!(back, k);
+}
