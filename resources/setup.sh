@@ -18,7 +18,7 @@ installed() {
 # busybox-static, cpio and kmod build the real-Linux-guest initramfs
 # (resources/guest/).
 need=()
-for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod; do
+for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

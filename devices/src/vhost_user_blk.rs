@@ -43,7 +43,8 @@ struct Inner {
     queues: Vec<Queue>,
     /// Global queue indices served by each worker thread.
     thread_queues: Vec<Vec<usize>>,
-    exit: Vec<(EventConsumer, EventNotifier)>,
+    /// Exit events of the current connection's worker threads.
+    exit: Mutex<Vec<(EventConsumer, EventNotifier)>>,
     mem: GuestMemoryAtomic<GuestMem>,
     registrar: RamRegistrar,
     regions: Mutex<Vec<RegionId>>,
@@ -93,11 +94,7 @@ impl VhostUserBlkBackend {
         } else {
             (0..n).map(|q| vec![q]).collect()
         };
-        let exit = thread_queues
-            .iter()
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(VhostUserBlkError::Event)?;
+        let exit = exit_events(thread_queues.len()).map_err(VhostUserBlkError::Event)?;
         let features =
             config::features(&opts, read_only) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         Ok(VhostUserBlkBackend {
@@ -108,7 +105,7 @@ impl VhostUserBlkBackend {
                 features,
                 queues,
                 thread_queues,
-                exit,
+                exit: Mutex::new(exit),
                 mem: GuestMemoryAtomic::new(GuestMem::default()),
                 registrar,
                 regions: Mutex::new(Vec::new()),
@@ -145,11 +142,18 @@ impl VhostUserBlkBackend {
     }
 
     /// Waits for every in-flight request of every queue and drops its
-    /// result (the frontend went away).
+    /// result, and forgets the frontend's memory (the frontend went away).
     pub fn abandon_in_flight(&self) {
         for q in &self.inner.queues {
             lock(&q.handler).abandon();
             *lock(&q.vring) = None;
+        }
+        for id in lock(&self.inner.regions).drain(..) {
+            self.inner.registrar.remove(id);
+        }
+        // The next frontend sends its own memory table from scratch.
+        if let Ok(guard) = self.inner.mem.lock() {
+            guard.replace(GuestMem::default());
         }
     }
 
@@ -175,9 +179,16 @@ impl VhostUserBlkBackend {
 
     /// Tells every worker thread to leave its loop.
     pub fn stop_workers(&self) {
-        for (_, n) in &self.inner.exit {
+        for (_, n) in lock(&self.inner.exit).iter() {
             let _ = n.notify();
         }
+    }
+
+    /// Fresh exit events for the worker threads of the next connection
+    /// (the previous connection's workers were told to exit with theirs).
+    pub fn renew_exit_events(&self) -> io::Result<()> {
+        *lock(&self.inner.exit) = exit_events(self.inner.thread_queues.len())?;
+        Ok(())
     }
 
     fn run_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
@@ -222,6 +233,12 @@ impl VhostUserBlkBackend {
         }
         Ok(())
     }
+}
+
+fn exit_events(n: usize) -> io::Result<Vec<(EventConsumer, EventNotifier)>> {
+    (0..n)
+        .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -314,7 +331,8 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.inner.exit.get(thread_index)?;
+        let exit = lock(&self.inner.exit);
+        let (c, n) = exit.get(thread_index)?;
         Some((c.try_clone().ok()?, n.try_clone().ok()?))
     }
 

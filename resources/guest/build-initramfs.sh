@@ -24,7 +24,7 @@ fi
 
 if [ "${FORCE:-0}" != 1 ] && [ -s "$target" ]; then
     stale=""
-    for f in "$busybox" "$here/init" "$here/lib.sh" "$here/build-initramfs.sh" "$out/modules/order" "$out"/modules/*.ko; do
+    for f in "$busybox" "$here/init" "$here/lib.sh" "$here/blkzero.c" "$here/build-initramfs.sh" "$out/modules/order" "$out"/modules/*.ko; do
         [ "$f" -nt "$target" ] && stale=1
     done
     [ -n "$stale" ] || exit 0
@@ -40,6 +40,7 @@ done
 ln -s bin "$stage/sbin"
 install -m 0755 "$here/init" "$stage/init"
 install -m 0644 "$here/lib.sh" "$stage/lib/blkvm.sh"
+gcc -static -Os -o "$stage/bin/blkzero" "$here/blkzero.c"
 cp "$out"/modules/*.ko "$out/modules/order" "$stage/lib/modules/"
 # The kernel opens /dev/console before /init runs; without the node /init
 # still gets its console once devtmpfs is mounted, only later.

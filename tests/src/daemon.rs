@@ -126,6 +126,8 @@ pub struct VhostUserBlkExport {
     pub aio: &'static str,
     /// `cache.direct=on|off` of the file node.
     pub cache_direct: bool,
+    /// `discard=unmap` on both nodes (guest discards reach the image).
+    pub discard_unmap: bool,
 }
 
 impl VhostUserBlkExport {
@@ -140,7 +142,14 @@ impl VhostUserBlkExport {
             logical_block_size: None,
             aio: "io_uring",
             cache_direct: true,
+            discard_unmap: false,
         }
+    }
+
+    /// Passes guest discards down to the image (`discard=unmap`).
+    pub fn discard_unmap(mut self) -> Self {
+        self.discard_unmap = true;
+        self
     }
 
     /// Makes the export read-only (`writable=off`).
@@ -175,15 +184,20 @@ impl VhostUserBlkExport {
         if let Some(size) = self.logical_block_size {
             export.push_str(&format!(",logical-block-size={size}"));
         }
+        let discard = if self.discard_unmap {
+            ",discard=unmap"
+        } else {
+            ""
+        };
         [
             "--blockdev".to_owned(),
             format!(
-                "driver=file,node-name=f{n},filename={image},aio={},cache.direct={}",
+                "driver=file,node-name=f{n},filename={image},aio={},cache.direct={}{discard}",
                 self.aio,
                 onoff(self.cache_direct)
             ),
             "--blockdev".to_owned(),
-            format!("driver=raw,node-name=d{n},file=f{n}"),
+            format!("driver=raw,node-name=d{n},file=f{n}{discard}"),
             "--export".to_owned(),
             export,
         ]
@@ -270,6 +284,21 @@ impl StorageDaemon {
     /// What the daemon printed so far (stdout and stderr).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Like [`StorageDaemon::stop`], also returning everything the daemon
+    /// printed (its exit report included).
+    pub fn stop_with_log(self) -> Result<(ExitStatus, String)> {
+        let log_path = self.dir.path().join("log");
+        let dir = tempfile::tempdir().context("keeping the daemon log")?;
+        let kept = dir.path().join("log");
+        let status = {
+            // The daemon writes to the log until it exits; the file stays
+            // open through a hard link once `self.dir` is gone.
+            fs::hard_link(&log_path, &kept).context("linking the daemon log")?;
+            self.stop()?
+        };
+        Ok((status, fs::read_to_string(&kept).unwrap_or_default()))
     }
 
     /// Stops the daemon as a user would (SIGTERM) and returns its exit

@@ -144,23 +144,8 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
         use vhost_user_backend::VhostUserBackend;
         let _ = backend.set_config(32, &[0]);
     }
-    let mut daemon = VhostUserDaemon::new(
-        format!("export-{}", e.id),
-        backend.clone(),
-        backend.memory(),
-    )
-    .map_err(|err| anyhow::anyhow!("could not create the vhost-user daemon: {err:?}"))?;
-    for (handler, fds) in daemon
-        .get_epoll_handlers()
-        .iter()
-        .zip(backend.completion_listeners())
-    {
-        for (fd, id) in fds {
-            handler
-                .register_listener(fd, EventSet::IN, id)
-                .context("could not watch a node queue's completions")?;
-        }
-    }
+    let name = format!("export-{}", e.id);
+    let mut daemon = new_daemon(&name, &backend)?;
     let _ = std::fs::remove_file(path);
     let mut listener =
         Listener::new(path, true).with_context(|| format!("could not listen on '{path}'"))?;
@@ -186,7 +171,18 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
             if t_stop.load(Ordering::SeqCst) {
                 break;
             }
+            // The connection's state (owner, features, vrings) dies with
+            // it: finish its requests, stop its workers, and serve the
+            // next frontend with a fresh vhost-user handler.
+            t_backend.stop_workers();
             t_backend.abandon_in_flight();
+            daemon = match new_daemon(&name, &t_backend) {
+                Ok(d) => d,
+                Err(err) => {
+                    eprintln!("export '{id}': cannot serve another frontend: {err:#}");
+                    break;
+                }
+            };
         })
         .context("could not start the export thread")?;
     Ok(Export {
@@ -200,9 +196,35 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
     })
 }
 
+/// A vhost-user daemon for one frontend connection, with the node
+/// queues' completion fds watched by its worker threads.
+fn new_daemon(
+    name: &str,
+    backend: &VhostUserBlkBackend,
+) -> Result<VhostUserDaemon<VhostUserBlkBackend>> {
+    backend
+        .renew_exit_events()
+        .context("could not create exit events")?;
+    let daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), backend.memory())
+        .map_err(|err| anyhow::anyhow!("could not create the vhost-user daemon: {err:?}"))?;
+    for (handler, fds) in daemon
+        .get_epoll_handlers()
+        .iter()
+        .zip(backend.completion_listeners())
+    {
+        for (fd, id) in fds {
+            handler
+                .register_listener(fd, EventSet::IN, id)
+                .context("could not watch a node queue's completions")?;
+        }
+    }
+    Ok(daemon)
+}
+
 /// Completes in-flight requests, flushes the node, closes the socket.
 fn stop_export(e: &mut Export) {
     e.backend.quiesce();
+    eprintln!("{}", stats_line(e));
     flush(e.node.as_ref());
     e.stop.store(true, Ordering::SeqCst);
     if let Some(h) = e.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -215,6 +237,40 @@ fn stop_export(e: &mut Export) {
     }
     e.backend.stop_workers();
     let _ = std::fs::remove_file(&e.path);
+}
+
+/// One line of what the export did, for logs and tests.
+fn stats_line(e: &Export) -> String {
+    let s = e.node.stats().snapshot();
+    // Which memory path requests took is known where the I/O happens: the
+    // protocol node under any format nodes.
+    let (mut registered, mut bounced) = (0, 0);
+    let mut stack = vec![e.node.clone()];
+    while let Some(n) = stack.pop() {
+        let ns = n.stats().snapshot();
+        registered += ns.registered_ops;
+        bounced += ns.bounced_ops;
+        stack.extend(n.children());
+    }
+    let errors =
+        s.read.errors + s.write.errors + s.flush.errors + s.discard.errors + s.write_zeroes.errors;
+    format!(
+        "blkvm storage-daemon: export {} stats: requests={} read_ops={} read_bytes={} write_ops={} \
+         write_bytes={} flush_ops={} discard_ops={} write_zeroes_ops={} errors={} registered_ops={} \
+         bounced_ops={}",
+        e.id,
+        e.backend.requests(),
+        s.read.ops,
+        s.read.bytes,
+        s.write.ops,
+        s.write.bytes,
+        s.flush.ops,
+        s.discard.ops,
+        s.write_zeroes.ops,
+        errors,
+        registered,
+        bounced
+    )
 }
 
 fn flush(node: &dyn BlockNode) {

@@ -1,14 +1,13 @@
-//! The real-Linux-guest harness against qemu-storage-daemon's
-//! vhost-user-blk export: proves the fixture (boot, script, results,
-//! kill and reconnect) with a known-good backend. The same tests against
-//! `blkvm storage-daemon` differ only in their [`Backend`].
+//! A real Linux guest (QEMU TCG, `vhost-user-blk-pci`) against a
+//! vhost-user-blk export: every test runs against qemu-storage-daemon,
+//! which proves the fixture with a known-good backend, and against
+//! `blkvm storage-daemon`, which is what the tests are for.
 
 use std::{fs, os::unix::fs::FileExt, path::Path, time::Duration};
 
 use anyhow::{ensure, Result};
 use tests::{md5_hex, yes_pattern, Backend, StorageDaemon, TestVm, VhostUserBlkExport};
 
-const BACKEND: Backend = Backend::QemuStorageDaemon;
 const MIB: u64 = 1 << 20;
 
 fn create_image(path: &Path, size: u64) -> Result<()> {
@@ -25,7 +24,16 @@ fn read_image(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
 /// Geometry, and data both ways: the host's bytes read in the guest, the
 /// guest's bytes (a known pattern and 4 MiB of random data) on the host.
 #[test]
-fn guest_reads_and_writes_a_file_export() -> Result<()> {
+fn qsd_guest_reads_and_writes_a_file_export() -> Result<()> {
+    guest_reads_and_writes_a_file_export(Backend::QemuStorageDaemon)
+}
+
+#[test]
+fn blkvm_guest_reads_and_writes_a_file_export() -> Result<()> {
+    guest_reads_and_writes_a_file_export(Backend::Blkvm)
+}
+
+fn guest_reads_and_writes_a_file_export(backend: Backend) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let export =
         VhostUserBlkExport::new(dir.path().join("disk.img"), dir.path().join("vhost.sock"));
@@ -35,7 +43,7 @@ fn guest_reads_and_writes_a_file_export() -> Result<()> {
         .write(true)
         .open(&export.image)?
         .write_all_at(&host_bytes, MIB)?;
-    let daemon = StorageDaemon::start(BACKEND, [&export])?;
+    let daemon = StorageDaemon::start(backend, [&export])?;
 
     let out = TestVm::new(
         r#"
@@ -85,7 +93,16 @@ fn guest_reads_and_writes_a_file_export() -> Result<()> {
 /// queues); a guest killed mid-run (as a QEMU crash would) and a second
 /// guest that connects to the same sockets and finds the first one's data.
 #[test]
-fn second_guest_reaches_the_exports_after_the_first_is_killed() -> Result<()> {
+fn qsd_second_guest_reaches_the_exports_after_the_first_is_killed() -> Result<()> {
+    second_guest_reaches_the_exports_after_the_first_is_killed(Backend::QemuStorageDaemon)
+}
+
+#[test]
+fn blkvm_second_guest_reaches_the_exports_after_the_first_is_killed() -> Result<()> {
+    second_guest_reaches_the_exports_after_the_first_is_killed(Backend::Blkvm)
+}
+
+fn second_guest_reaches_the_exports_after_the_first_is_killed(backend: Backend) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let rw = VhostUserBlkExport::new(dir.path().join("rw.img"), dir.path().join("rw.sock"))
         .num_queues(2);
@@ -94,7 +111,7 @@ fn second_guest_reaches_the_exports_after_the_first_is_killed() -> Result<()> {
         .logical_block_size(4096);
     create_image(&rw.image, 32 * MIB)?;
     create_image(&ro.image, 16 * MIB)?;
-    let _daemon = StorageDaemon::start(BACKEND, [&rw, &ro])?;
+    let _daemon = StorageDaemon::start(backend, [&rw, &ro])?;
 
     let mut first = TestVm::new(
         r#"
