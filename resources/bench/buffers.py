@@ -12,6 +12,7 @@ modes interleave and the table shows each mode's median run.
 import argparse
 import json
 import os
+import stat
 
 import common
 
@@ -27,16 +28,19 @@ def main():
     ap.add_argument("--runtime", type=float, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--img", help="file or block device to use instead of a scratch file")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     common.build()
-    img = common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
+    img = a.img or common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
     sock = os.path.join(common.OUT, "qsd.sock")
     rounds = ["--rounds", str(a.rounds)]
     rows = []
     backings = {
         "null-co": ["driver=null-co,node-name=d0,size=1073741824"],
-        "file": [f"driver=file,node-name=f0,filename={img},aio=io_uring,cache.direct=on",
+        # QEMU insists on host_device for block devices.
+        "file": [f"driver={'host_device' if stat.S_ISBLK(os.stat(img).st_mode) else 'file'},"
+                 f"node-name=f0,filename={img},aio=io_uring,cache.direct=on",
                  "driver=raw,node-name=d0,file=f0"],
     }
     for backing, nodes in backings.items():

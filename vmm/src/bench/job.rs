@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use block::{BlockLimits, Completion, NodeQueue, RamRegistrar, RegionId, Request, RequestOp};
+use block::{Completion, NodeQueue, RamRegistrar, RegionId, Request, RequestOp};
 use clap::ValueEnum;
 
 use super::buffers::Buffers;
@@ -162,7 +162,6 @@ impl Issuer<'_> {
 pub fn run(
     queue: &mut dyn NodeQueue,
     registrar: &RamRegistrar,
-    _limits: &BlockLimits,
     spec: &JobSpec,
 ) -> Result<JobResult> {
     let bufs = Buffers::new(

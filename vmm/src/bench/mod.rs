@@ -161,7 +161,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 count: args.count,
                 progress,
             };
-            let result = job::run(queue.as_mut(), graph.registrar(), &node.limits(), &spec)?;
+            let result = job::run(queue.as_mut(), graph.registrar(), &spec)?;
             runs[i].push(report::Report::new(&name, node.driver(), &spec, &result));
         }
     }
