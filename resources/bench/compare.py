@@ -30,8 +30,11 @@ WORKLOADS = [
 ]
 
 
+PIN = []
+
+
 def run(cmd):
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(PIN + cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr}")
     return p.stdout
@@ -71,8 +74,11 @@ def main():
     ap.add_argument("--runtime", type=float, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--blkvm", default=os.path.join(ROOT, "target/release/blkvm"))
+    ap.add_argument("--pin", help="run every tool under `taskset -c PIN` (same CPU for all)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.pin is not None:
+        PIN.extend(["taskset", "-c", a.pin])
 
     if not os.path.exists(a.blkvm):
         run(["cargo", "build", "--release", "-p", "vmm", "--manifest-path",
