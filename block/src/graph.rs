@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use qapi::{BlockdevDriver, BlockdevOptions, BlockdevRef};
 
-use crate::blkio::BlkioNode;
+use crate::blkio::{BlkioNode, BlkioOptions};
 use crate::file::FileNode;
 use crate::memory::RamRegistrar;
 use crate::node::BlockNode;
@@ -140,36 +140,11 @@ impl BlockGraph {
                 let (offset, size) = (r.offset.map(|s| s.0), r.size.map(|s| s.0));
                 Arc::new(RawNode::open(name.clone(), common, child, offset, size)?)
             }
-            BlockdevDriver::IoUring(o) => Arc::new(BlkioNode::open(
-                name.clone(),
-                common,
-                o.into(),
-                self.registrar.clone(),
-            )?),
-            BlockdevDriver::NvmeIoUring(o) => Arc::new(BlkioNode::open(
-                name.clone(),
-                common,
-                o.into(),
-                self.registrar.clone(),
-            )?),
-            BlockdevDriver::VirtioBlkVhostUser(o) => Arc::new(BlkioNode::open(
-                name.clone(),
-                common,
-                o.into(),
-                self.registrar.clone(),
-            )?),
-            BlockdevDriver::VirtioBlkVhostVdpa(o) => Arc::new(BlkioNode::open(
-                name.clone(),
-                common,
-                o.into(),
-                self.registrar.clone(),
-            )?),
-            BlockdevDriver::VirtioBlkVfioPci(o) => Arc::new(BlkioNode::open(
-                name.clone(),
-                common,
-                o.into(),
-                self.registrar.clone(),
-            )?),
+            BlockdevDriver::IoUring(o) => self.open_blkio(&name, common, o.into())?,
+            BlockdevDriver::NvmeIoUring(o) => self.open_blkio(&name, common, o.into())?,
+            BlockdevDriver::VirtioBlkVhostUser(o) => self.open_blkio(&name, common, o.into())?,
+            BlockdevDriver::VirtioBlkVhostVdpa(o) => self.open_blkio(&name, common, o.into())?,
+            BlockdevDriver::VirtioBlkVfioPci(o) => self.open_blkio(&name, common, o.into())?,
         };
         for child in children {
             if let Some((_, e)) = pending.entries.iter_mut().find(|(n, _)| *n == child) {
@@ -186,6 +161,17 @@ impl BlockGraph {
             },
         ));
         Ok(node)
+    }
+
+    /// Opens one of the libblkio drivers (they differ only in options).
+    fn open_blkio(
+        &self,
+        name: &str,
+        common: &qapi::BlockdevCommon,
+        opts: BlkioOptions,
+    ) -> Result<Arc<dyn BlockNode>, BlockError> {
+        let node = BlkioNode::open(name.to_string(), common, opts, self.registrar.clone())?;
+        Ok(Arc::new(node))
     }
 
     /// The node called `name`.

@@ -49,6 +49,9 @@ pub(super) struct UringQueue {
     local: LocalCompletions,
     slow: WorkerPool,
     slow_batch: Vec<Request>,
+    /// Requests handed to the slow path and not yet reaped: the pool's
+    /// lock is taken only when there is something to collect.
+    in_slow: usize,
     eventfd: Arc<EventFd>,
     in_flight: usize,
 }
@@ -83,6 +86,7 @@ impl UringQueue {
             in_ring: 0,
             local: LocalCompletions::new(eventfd.clone()),
             slow_batch: Vec::new(),
+            in_slow: 0,
             eventfd,
             in_flight: 0,
         })
@@ -226,9 +230,12 @@ impl UringQueue {
             });
         }
         if !redo.is_empty() {
+            self.in_slow += redo.len();
             self.slow.submit_batch(&mut redo);
         }
-        self.slow.drain_into(out);
+        if self.in_slow > 0 {
+            self.in_slow -= self.slow.drain_into(out);
+        }
         self.local.drain_into(out);
         for c in &out[start..] {
             self.ctx
@@ -273,6 +280,7 @@ impl NodeQueue for UringQueue {
         if fast {
             self.enqueue(req);
         } else {
+            self.in_slow += 1;
             self.slow_batch.push(req);
         }
         Ok(())
