@@ -2,5 +2,6 @@
 //! VMM's virtio-blk devices and the storage daemon's vhost-user-blk export
 //! ([`vhost_user_blk`]).
 
+pub mod bus;
 pub mod vhost_user_blk;
 pub mod virtio_blk;
