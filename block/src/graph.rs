@@ -235,6 +235,19 @@ impl BlockGraph {
         Ok(())
     }
 
+    /// The devices, exports and tools attached to node `name`.
+    pub fn users(&self, name: &str) -> Vec<String> {
+        self.nodes
+            .get(name)
+            .map_or_else(Vec::new, |e| e.users.clone())
+    }
+
+    /// Whether node `name` was opened inline as part of its parent (and
+    /// so is not the user's to delete).
+    pub fn is_implicit(&self, name: &str) -> bool {
+        self.nodes.get(name).is_some_and(|e| e.implicit)
+    }
+
     /// Every node, by name.
     pub fn nodes(&self) -> impl Iterator<Item = (&str, &Arc<dyn BlockNode>)> {
         self.nodes.iter().map(|(n, e)| (n.as_str(), &e.node))

@@ -31,6 +31,6 @@ pub use error::BlockError;
 pub use graph::BlockGraph;
 pub use limits::BlockLimits;
 pub use memory::{MemoryRegion, RamRegistrar, RegionId};
-pub use node::{BlockNode, NodeQueue};
+pub use node::{BlockNode, NodeOptions, NodeQueue};
 pub use request::{Completion, Request, RequestError, RequestFlags, RequestOp, SubmitError};
 pub use stats::{NodeStats, NodeStatsSnapshot, OpStatsSnapshot};

@@ -41,6 +41,23 @@ pub trait BlockNode: Send + Sync {
     fn children(&self) -> Vec<Arc<dyn BlockNode>> {
         Vec::new()
     }
+    /// Grows or shrinks the node to `size` bytes (QMP `block_resize`).
+    /// Users see the new size through [`BlockNode::capacity`].
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        let _ = size;
+        Err(BlockError::Invalid(format!(
+            "Driver '{}' does not support resize",
+            self.driver()
+        )))
+    }
+    /// Whether I/O bypasses the host page cache (`cache.direct=on`).
+    fn cache_direct(&self) -> bool {
+        false
+    }
+    /// The common options the node was opened with.
+    fn options(&self) -> NodeOptions {
+        NodeOptions::default()
+    }
     /// I/O statistics of this node.
     fn stats(&self) -> &NodeStats;
     /// Open a data-plane queue for one thread.
@@ -94,6 +111,17 @@ pub(crate) enum Precheck {
     Done(Completion),
 }
 
+/// The common options of a node as QMP reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeOptions {
+    /// `cache.no-flush`.
+    pub no_flush: bool,
+    /// `discard`.
+    pub discard: BlockdevDiscardOptions,
+    /// `detect-zeroes`.
+    pub detect_zeroes: BlockdevDetectZeroesOptions,
+}
+
 /// The common `--blockdev` options that apply to every node.
 #[derive(Clone, Debug)]
 pub(crate) struct NodeCommon {
@@ -105,6 +133,14 @@ pub(crate) struct NodeCommon {
 }
 
 impl NodeCommon {
+    pub fn options(&self) -> NodeOptions {
+        NodeOptions {
+            no_flush: self.no_flush,
+            discard: self.discard,
+            detect_zeroes: self.detect_zeroes,
+        }
+    }
+
     pub fn new(name: String, opts: &BlockdevCommon, read_only: bool) -> Self {
         NodeCommon {
             name,

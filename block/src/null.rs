@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ const DEFAULT_SIZE: u64 = 1 << 30;
 /// The `null-co` node.
 pub struct NullNode {
     common: NodeCommon,
-    size: u64,
+    size: Arc<AtomicU64>,
     read_zeroes: bool,
     latency: Duration,
     stats: Arc<NodeStats>,
@@ -40,7 +41,7 @@ impl NullNode {
     ) -> Result<Self, BlockError> {
         Ok(NullNode {
             common: NodeCommon::new(name, common, common.read_only),
-            size: opts.size.map_or(DEFAULT_SIZE, |s| s.0),
+            size: Arc::new(AtomicU64::new(opts.size.map_or(DEFAULT_SIZE, |s| s.0))),
             read_zeroes: opts.read_zeroes,
             latency: Duration::from_nanos(opts.latency_ns),
             stats: Arc::default(),
@@ -56,7 +57,17 @@ impl BlockNode for NullNode {
         "null-co"
     }
     fn capacity(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.common.read_only {
+            return Err(BlockError::Invalid(format!(
+                "Block node '{}' is read-only",
+                self.common.name
+            )));
+        }
+        self.size.store(size, Ordering::Relaxed);
+        Ok(())
     }
     fn limits(&self) -> BlockLimits {
         BlockLimits {
@@ -66,6 +77,9 @@ impl BlockNode for NullNode {
     }
     fn read_only(&self) -> bool {
         self.common.read_only
+    }
+    fn options(&self) -> crate::node::NodeOptions {
+        self.common.options()
     }
     fn stats(&self) -> &NodeStats {
         &self.stats
@@ -82,7 +96,7 @@ impl BlockNode for NullNode {
         };
         Ok(Box::new(NullQueue {
             common: self.common.clone(),
-            size: self.size,
+            size: self.size.clone(),
             read_zeroes: self.read_zeroes,
             latency: self.latency,
             stats: self.stats.clone(),
@@ -97,7 +111,7 @@ impl BlockNode for NullNode {
 /// One thread's queue on a [`NullNode`].
 struct NullQueue {
     common: NodeCommon,
-    size: u64,
+    size: Arc<AtomicU64>,
     read_zeroes: bool,
     latency: Duration,
     stats: Arc<NodeStats>,
@@ -123,7 +137,10 @@ impl NullQueue {
 
 impl NodeQueue for NullQueue {
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
-        let req = match self.common.precheck(req, self.size)? {
+        let req = match self
+            .common
+            .precheck(req, self.size.load(Ordering::Relaxed))?
+        {
             Precheck::Done(c) => {
                 self.complete(c);
                 return Ok(());

@@ -77,8 +77,32 @@ impl BlockNode for RawNode {
     fn limits(&self) -> BlockLimits {
         self.child.limits()
     }
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.size.is_some() {
+            return Err(BlockError::Invalid(
+                "Cannot resize fixed-size raw disks".into(),
+            ));
+        }
+        if self.common.read_only {
+            return Err(BlockError::Invalid(format!(
+                "Block node '{}' is read-only",
+                self.common.name
+            )));
+        }
+        let end = self
+            .offset
+            .checked_add(size)
+            .ok_or_else(|| BlockError::Invalid(format!("Size {size} is too large")))?;
+        self.child.truncate(end)
+    }
+    fn cache_direct(&self) -> bool {
+        self.child.cache_direct()
+    }
     fn read_only(&self) -> bool {
         self.common.read_only
+    }
+    fn options(&self) -> crate::node::NodeOptions {
+        self.common.options()
     }
     fn children(&self) -> Vec<Arc<dyn BlockNode>> {
         vec![self.child.clone()]

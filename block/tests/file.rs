@@ -139,6 +139,55 @@ fn a_grown_file_is_picked_up_on_request() {
 }
 
 #[test]
+fn truncate_resizes_file_raw_and_null_and_refuses_what_cannot_change() {
+    let img = Image::new(1 << 20);
+    let mut g = BlockGraph::new();
+    add(
+        &mut g,
+        &format!("file,filename={},aio=io_uring,node-name=f", img.path()),
+    )
+    .unwrap();
+    let raw = add(&mut g, "raw,file=f,node-name=r,offset=4096").unwrap();
+    let mut d = Disk::new(g, raw.clone());
+    raw.truncate(2 << 20).unwrap();
+    assert_eq!(raw.capacity(), 2 << 20);
+    assert_eq!(img.file().metadata().unwrap().len(), (2 << 20) + 4096);
+    // The grown area is there for the queue that was already open.
+    assert_eq!(d.write((2 << 20) - 4096, &pattern(3, 4096)), Ok(4096));
+    assert_eq!(d.read((2 << 20) - 4096, 4096).unwrap(), pattern(3, 4096));
+    raw.truncate(1 << 20).unwrap();
+    assert!(matches!(
+        d.read((2 << 20) - 4096, 4096),
+        Err(RequestError::OutOfRange { .. })
+    ));
+    drop((d, raw));
+
+    let mut g = BlockGraph::new();
+    add(&mut g, &format!("file,filename={},node-name=f", img.path())).unwrap();
+    let fixed = add(&mut g, "raw,file=f,node-name=r,size=4096").unwrap();
+    let e = fixed.truncate(8192).unwrap_err();
+    assert_eq!(e.to_string(), "Cannot resize fixed-size raw disks");
+    let img2 = Image::new(1 << 20);
+    let ro = add(
+        &mut g,
+        &format!("file,filename={},node-name=ro,read-only=on", img2.path()),
+    )
+    .unwrap();
+    assert!(ro
+        .truncate(8192)
+        .unwrap_err()
+        .to_string()
+        .contains("read-only"));
+
+    let null = add(&mut g, "null-co,node-name=n,size=1M").unwrap();
+    let mut d = Disk::new(g, null.clone());
+    assert!(d.read(1 << 20, 512).is_err());
+    null.truncate(2 << 20).unwrap();
+    assert_eq!(null.capacity(), 2 << 20);
+    assert_eq!(d.read(1 << 20, 512).map(|b| b.len()), Ok(512));
+}
+
+#[test]
 fn missing_file_error_names_the_path() {
     let mut g = BlockGraph::new();
     let err = add(&mut g, "file,filename=/nonexistent/disk.img").unwrap_err();

@@ -49,6 +49,8 @@ struct Inner {
     registrar: RamRegistrar,
     regions: Mutex<Vec<RegionId>>,
     writeback: Mutex<bool>,
+    /// Thread id of each worker thread, as seen at its last event (0 before).
+    worker_tids: Vec<std::sync::atomic::AtomicI32>,
     /// Set on shutdown: no new requests are started.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -104,6 +106,10 @@ impl VhostUserBlkBackend {
                 opts,
                 features,
                 queues,
+                worker_tids: thread_queues
+                    .iter()
+                    .map(|_| std::sync::atomic::AtomicI32::new(0))
+                    .collect(),
                 thread_queues,
                 exit: Mutex::new(exit),
                 mem: GuestMemoryAtomic::new(GuestMem::default()),
@@ -166,6 +172,23 @@ impl VhostUserBlkBackend {
         for q in 0..self.inner.queues.len() {
             let _ = self.stop_vring(q as u32);
         }
+    }
+
+    /// Reports host I/O errors of every queue to `hook`.
+    pub fn set_io_error_hook(&self, hook: Option<crate::virtio_blk::IoErrorHook>) {
+        for q in &self.inner.queues {
+            lock(&q.handler).set_io_error_hook(hook.clone());
+        }
+    }
+
+    /// The thread id of the first worker thread that has served an event
+    /// (what QMP's `query-iothreads` reports for the export's iothread).
+    pub fn worker_tid(&self) -> Option<i32> {
+        self.inner
+            .worker_tids
+            .iter()
+            .map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+            .find(|&t| t != 0)
     }
 
     /// Requests started and completed, over all queues.
@@ -370,6 +393,11 @@ impl VhostUserBackend for VhostUserBlkBackend {
         let Some(mine) = self.inner.thread_queues.get(thread_id) else {
             return Ok(());
         };
+        if let Some(t) = self.inner.worker_tids.get(thread_id) {
+            // SAFETY: gettid has no arguments and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            t.store(tid, std::sync::atomic::Ordering::Relaxed);
+        }
         let nq = self.inner.queues.len();
         let ev = usize::from(device_event);
         if ev < mine.len() {

@@ -2,6 +2,7 @@
 //! file parses arguments and prints errors with their whole cause chain.
 
 mod bench;
+mod qmp;
 mod signals;
 mod storage_daemon;
 

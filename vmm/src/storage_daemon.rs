@@ -8,20 +8,22 @@ use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
-use block::{BlockGraph, BlockNode, Request};
+use block::{BlockGraph, BlockNode, Request, RequestOp};
 use clap::Args;
 use devices::vhost_user_blk::VhostUserBlkBackend;
 use devices::virtio_blk::BlkOptions;
 use qapi::export::{BlockExportOptions, SocketAddress};
-use qapi::object::{ObjectOptions, ObjectProperties};
+use qapi::object::{IothreadProperties, ObjectOptions, ObjectProperties};
+use serde_json::{json, Map, Value};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::qmp::{self, Events, Monitor, QmpError, QmpServer};
 use crate::signals;
 
 /// `blkvm storage-daemon` arguments.
@@ -36,6 +38,15 @@ pub struct StorageDaemonArgs {
     /// An export: `type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N][,iothread=ID][,logical-block-size=N]`.
     #[arg(long = "export", value_name = "OPTIONS")]
     exports: Vec<String>,
+    /// A QMP monitor: `unix:PATH,server=on,wait=off`; repeatable.
+    #[arg(long = "qmp", value_name = "ADDRESS")]
+    qmp: Vec<String>,
+    /// A character device for `--monitor`: `socket,id=ID,path=PATH,server=on,wait=off`.
+    #[arg(long = "chardev", value_name = "OPTIONS")]
+    chardevs: Vec<String>,
+    /// A QMP monitor on a `--chardev`: `chardev=ID`.
+    #[arg(long = "monitor", value_name = "OPTIONS")]
+    monitors: Vec<String>,
     /// Write the daemon's pid to this file once every export listens.
     #[arg(long)]
     pidfile: Option<PathBuf>,
@@ -44,19 +55,49 @@ pub struct StorageDaemonArgs {
 /// One running export.
 struct Export {
     id: String,
+    node_name: String,
     node: Arc<dyn BlockNode>,
     backend: VhostUserBlkBackend,
     path: String,
+    iothread: Option<String>,
     stop: Arc<AtomicBool>,
+    /// The current frontend's connection, while one is connected.
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// What ends the daemon.
+enum Control {
+    Signal(&'static str),
+    Quit,
+}
+
+/// The daemon's state, shared by the main thread and the QMP clients.
+struct Daemon {
+    state: Mutex<State>,
+    iothreads: HashMap<String, IothreadProperties>,
+    events: Events,
+    control: Mutex<mpsc::Sender<Control>>,
+}
+
+struct State {
+    graph: BlockGraph,
+    exports: Vec<Export>,
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or QMP `quit`.
 pub fn run(args: StorageDaemonArgs) -> Result<()> {
     // Before any thread exists, so every thread inherits the mask and the
-    // signals are taken only by `wait_for_termination`.
+    // signals are taken only by `wait`.
     let signals = signals::block_termination()?;
+    let mut qmp_addrs = Vec::new();
+    for q in &args.qmp {
+        qmp_addrs.push(qmp::parse_qmp_arg(q)?);
+    }
+    qmp_addrs.extend(qmp::monitors_from_chardevs(&args.chardevs, &args.monitors)?);
+    for a in &qmp_addrs {
+        qmp::check_path(&a.path)?;
+    }
     let mut graph = BlockGraph::new();
     for arg in &args.blockdevs {
         let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
@@ -74,31 +115,62 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
             }
         }
     }
-    let mut exports = Vec::new();
+    let (tx, rx) = mpsc::channel();
+    let daemon = Arc::new(Daemon {
+        state: Mutex::new(State {
+            graph,
+            exports: Vec::new(),
+        }),
+        iothreads,
+        events: Events::default(),
+        control: Mutex::new(tx.clone()),
+    });
     for arg in &args.exports {
         let e: BlockExportOptions =
             qapi::parse_option_as(arg, Some("type")).with_context(|| format!("--export {arg}"))?;
-        if exports.iter().any(|x: &Export| x.id == e.id) {
-            bail!(
-                "--export {arg}: Block export id '{}' is already in use",
-                e.id
-            );
-        }
-        if let Some(io) = &e.iothread {
-            if !iothreads.contains_key(io) {
-                bail!("--export {arg}: Cannot find iothread '{io}'");
-            }
-        }
-        exports.push(start_export(&mut graph, &e).with_context(|| format!("--export {arg}"))?);
+        daemon
+            .add_export(&e)
+            .map_err(|e| anyhow::anyhow!("{}", e.desc))
+            .with_context(|| format!("--export {arg}"))?;
+    }
+    let mut servers = Vec::new();
+    for a in &qmp_addrs {
+        servers.push(QmpServer::start(a, daemon.clone(), daemon.events.clone())?);
     }
     if let Some(p) = &args.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .with_context(|| format!("--pidfile {}", p.display()))?;
     }
-    let sig = signals.wait()?;
-    eprintln!("blkvm storage-daemon: {sig}: completing in-flight requests and exiting");
-    for e in &mut exports {
-        stop_export(e);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || match signals.wait() {
+            Ok(sig) => {
+                let _ = tx.send(Control::Signal(sig));
+            }
+            Err(e) => eprintln!("blkvm storage-daemon: {e:#}"),
+        })
+        .context("could not start the signal thread")?;
+    let reason = match rx.recv() {
+        Ok(Control::Signal(sig)) => {
+            eprintln!("blkvm storage-daemon: {sig}: completing in-flight requests and exiting");
+            "host-signal"
+        }
+        Ok(Control::Quit) | Err(_) => {
+            eprintln!("blkvm storage-daemon: quit: completing in-flight requests and exiting");
+            "host-qmp-quit"
+        }
+    };
+    daemon
+        .events
+        .emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+    {
+        let mut st = daemon.lock();
+        for e in &mut st.exports {
+            stop_export(e);
+        }
+    }
+    for s in servers {
+        s.close();
     }
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
@@ -106,15 +178,195 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
     Ok(())
 }
 
-fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export> {
-    let SocketAddress::Unix { path } = &e.addr;
-    let node = graph.attach(&e.node_name, &format!("export '{}'", e.id))?;
-    if e.writable && node.read_only() {
-        bail!(
-            "Block node '{}' is read-only: the export cannot be writable",
-            e.node_name
-        );
+impl Daemon {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn add_export(&self, e: &BlockExportOptions) -> Result<(), QmpError> {
+        let mut st = self.lock();
+        if st.exports.iter().any(|x| x.id == e.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                e.id
+            )));
+        }
+        if let Some(io) = &e.iothread {
+            if !self.iothreads.contains_key(io) {
+                return Err(QmpError::generic(format!("Cannot find iothread '{io}'")));
+            }
+        }
+        let export = start_export(&mut st.graph, e, &self.events)
+            .map_err(|err| QmpError::generic(format!("{err:#}")))?;
+        st.exports.push(export);
+        Ok(())
+    }
+
+    fn del_export(&self, id: &str, hard: bool) -> Result<(), QmpError> {
+        let mut st = self.lock();
+        let Some(i) = st.exports.iter().position(|x| x.id == id) else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        let connected = st.exports[i]
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if connected && !hard {
+            return Err(QmpError::generic(format!(
+                "export '{id}' still in use (use mode='hard' to force client disconnect)"
+            )));
+        }
+        let mut e = st.exports.remove(i);
+        stop_export(&mut e);
+        st.graph.detach(&e.node_name, &user_name(&e.id));
+        drop(st);
+        self.events
+            .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": e.id})));
+        Ok(())
+    }
+}
+
+/// How an export is named among a node's users.
+fn user_name(id: &str) -> String {
+    format!("export '{id}'")
+}
+
+impl Monitor for Daemon {
+    fn commands(&self) -> Vec<&'static str> {
+        let mut c = vec![
+            "query-status",
+            "query-block",
+            "query-iothreads",
+            "block-export-add",
+            "block-export-del",
+            "query-block-exports",
+            "quit",
+        ];
+        c.extend(qmp::block::COMMANDS);
+        c
+    }
+
+    fn execute(&self, name: &str, a: &Map<String, Value>) -> Result<Value, QmpError> {
+        match name {
+            "query-status" => {
+                qmp::no_args(a)?;
+                Ok(json!({"status": "running", "singlestep": false, "running": true}))
+            }
+            "query-block" => {
+                qmp::no_args(a)?;
+                let st = self.lock();
+                Ok(Value::Array(
+                    st.exports
+                        .iter()
+                        .map(|e| {
+                            json!({
+                                "device": "",
+                                "qdev": e.id,
+                                "type": "unknown",
+                                "removable": false,
+                                "locked": false,
+                                "inserted": qmp::block::node_info(e.node.as_ref()),
+                            })
+                        })
+                        .collect(),
+                ))
+            }
+            "query-iothreads" => {
+                qmp::no_args(a)?;
+                let st = self.lock();
+                let mut out = Vec::new();
+                let mut ids: Vec<_> = self.iothreads.iter().collect();
+                ids.sort_by(|a, b| a.0.cmp(b.0));
+                for (id, p) in ids {
+                    // The export worker serving this iothread's queues.
+                    let tid = st
+                        .exports
+                        .iter()
+                        .filter(|e| e.iothread.as_deref() == Some(id.as_str()))
+                        .find_map(|e| e.backend.worker_tid())
+                        .unwrap_or(0);
+                    out.push(json!({
+                        "id": id,
+                        "thread-id": tid,
+                        "poll-max-ns": p.poll_max_ns.unwrap_or(32768),
+                        "poll-grow": p.poll_grow.unwrap_or(0),
+                        "poll-shrink": p.poll_shrink.unwrap_or(0),
+                        "aio-max-batch": 0,
+                    }));
+                }
+                Ok(Value::Array(out))
+            }
+            "block-export-add" => {
+                let e: BlockExportOptions = qmp::args(a)?;
+                self.add_export(&e)?;
+                Ok(json!({}))
+            }
+            "block-export-del" => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Args {
+                    id: String,
+                    #[serde(default)]
+                    mode: Option<DelMode>,
+                }
+                #[derive(serde::Deserialize)]
+                #[serde(rename_all = "lowercase")]
+                enum DelMode {
+                    Safe,
+                    Hard,
+                }
+                let a: Args = qmp::args(a)?;
+                self.del_export(&a.id, matches!(a.mode, Some(DelMode::Hard)))?;
+                Ok(json!({}))
+            }
+            "query-block-exports" => {
+                qmp::no_args(a)?;
+                let st = self.lock();
+                Ok(Value::Array(
+                    st.exports
+                        .iter()
+                        .map(|e| {
+                            json!({
+                                "type": "vhost-user-blk",
+                                "id": e.id,
+                                "node-name": e.node_name,
+                                "shutting-down": false,
+                            })
+                        })
+                        .collect(),
+                ))
+            }
+            "quit" => {
+                qmp::no_args(a)?;
+                let _ = self
+                    .control
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send(Control::Quit);
+                Ok(json!({}))
+            }
+            "query-named-block-nodes" => qmp::block::query_named_block_nodes(&self.lock().graph, a),
+            "query-blockstats" => qmp::block::query_blockstats(&self.lock().graph, a),
+            "blockdev-add" => qmp::block::blockdev_add(&mut self.lock().graph, a),
+            "blockdev-del" => qmp::block::blockdev_del(&mut self.lock().graph, a),
+            "block_resize" => {
+                // The export's GET_CONFIG reads the node's capacity, so a
+                // frontend that reads the config again sees the new size.
+                // (vhost 0.18's backend channel cannot send CONFIG_CHANGE_MSG.)
+                qmp::block::block_resize(&self.lock().graph, a)?;
+                Ok(json!({}))
+            }
+            _ => Err(QmpError {
+                class: qmp::ErrorClass::CommandNotFound,
+                desc: format!("The command {name} has not been found"),
+            }),
+        }
+    }
+}
+
+fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions, events: &Events) -> Result<Export> {
+    let SocketAddress::Unix { path } = &e.addr;
     let lbs = e.logical_block_size.map_or(512, |s| s.0);
     if !(512..=65536).contains(&lbs) || !lbs.is_power_of_two() {
         bail!(
@@ -124,6 +376,13 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
     let num_queues = e.num_queues.unwrap_or(1);
     if num_queues == 0 || num_queues > 64 {
         bail!("Parameter 'num-queues' must be between 1 and 64, not {num_queues}");
+    }
+    let node = graph.lookup(&e.node_name)?;
+    if e.writable && node.read_only() {
+        bail!(
+            "Block node '{}' is read-only: the export cannot be writable",
+            e.node_name
+        );
     }
     let opts = BlkOptions {
         num_queues,
@@ -144,6 +403,26 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
         use vhost_user_backend::VhostUserBackend;
         let _ = backend.set_config(32, &[0]);
     }
+    let (ev, id, node_name) = (events.clone(), e.id.clone(), e.node_name.clone());
+    backend.set_io_error_hook(Some(Arc::new(move |op, err| {
+        let operation = match op {
+            RequestOp::Read => "read",
+            _ => "write",
+        };
+        let errno = err.errno();
+        ev.emit(
+            "BLOCK_IO_ERROR",
+            Some(json!({
+                "device": "",
+                "qdev": id,
+                "node-name": node_name,
+                "operation": operation,
+                "action": "report",
+                "nospace": errno == libc::ENOSPC,
+                "reason": std::io::Error::from_raw_os_error(errno).to_string(),
+            })),
+        );
+    })));
     let name = format!("export-{}", e.id);
     let mut daemon = new_daemon(&name, &backend)?;
     let _ = std::fs::remove_file(path);
@@ -168,6 +447,7 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
             if let Err(err) = daemon.wait() {
                 eprintln!("export '{id}': frontend connection ended: {err:?}");
             }
+            *t_conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
             if t_stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -185,8 +465,11 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions) -> Result<Export
             };
         })
         .context("could not start the export thread")?;
+    graph.attach(&e.node_name, &user_name(&e.id))?;
     Ok(Export {
         id: e.id.clone(),
+        node_name: e.node_name.clone(),
+        iothread: e.iothread.clone(),
         node,
         backend,
         path: path.clone(),

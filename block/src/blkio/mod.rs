@@ -203,6 +203,9 @@ impl BlockNode for BlkioNode {
     fn read_only(&self) -> bool {
         self.common.read_only
     }
+    fn options(&self) -> crate::node::NodeOptions {
+        self.common.options()
+    }
     fn filename(&self) -> Option<&str> {
         Some(&self.path)
     }

@@ -190,8 +190,43 @@ impl BlockNode for FileNode {
     fn limits(&self) -> BlockLimits {
         self.inner.limits
     }
+    fn truncate(&self, size: u64) -> Result<(), BlockError> {
+        if self.common.read_only {
+            return Err(BlockError::Invalid(format!(
+                "Block node '{}' is read-only",
+                self.common.name
+            )));
+        }
+        let cur = self.refresh_capacity()?;
+        if self.inner.is_blockdev {
+            // A device's size is the device's: QEMU refuses to grow it.
+            return match size.cmp(&cur) {
+                std::cmp::Ordering::Equal => Ok(()),
+                std::cmp::Ordering::Greater => {
+                    Err(BlockError::Invalid("Cannot grow device files".into()))
+                }
+                std::cmp::Ordering::Less => {
+                    Err(BlockError::Invalid("Cannot shrink device files".into()))
+                }
+            };
+        }
+        self.inner
+            .file
+            .set_len(size)
+            .map_err(|source| BlockError::Os {
+                what: format!("resize '{}' to {size} bytes", self.inner.path),
+                source,
+            })?;
+        self.refresh_capacity().map(|_| ())
+    }
+    fn cache_direct(&self) -> bool {
+        self.inner.direct
+    }
     fn read_only(&self) -> bool {
         self.common.read_only
+    }
+    fn options(&self) -> crate::node::NodeOptions {
+        self.common.options()
     }
     fn filename(&self) -> Option<&str> {
         Some(&self.inner.path)

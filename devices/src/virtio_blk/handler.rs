@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use block::{BlockNode, Completion, NodeQueue, Request, RequestError};
+use block::{BlockNode, Completion, NodeQueue, Request, RequestError, RequestOp};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
@@ -42,6 +42,10 @@ struct Slot {
     status: u8,
     used_len: u32,
 }
+
+/// Called on the I/O thread for each request the node failed with a host
+/// error (not for requests the guest got wrong): QMP's `BLOCK_IO_ERROR`.
+pub type IoErrorHook = Arc<dyn Fn(RequestOp, &RequestError) + Send + Sync>;
 
 /// Counters a test or QMP can read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,6 +91,7 @@ pub struct BlkQueueHandler {
     iovecs: IovecPool,
     counters: BlkQueueCounters,
     writethrough: bool,
+    io_error: Option<IoErrorHook>,
 }
 
 impl BlkQueueHandler {
@@ -107,6 +112,7 @@ impl BlkQueueHandler {
             iovecs: IovecPool::default(),
             counters: BlkQueueCounters::default(),
             writethrough: false,
+            io_error: None,
         }
     }
 
@@ -204,6 +210,11 @@ impl BlkQueueHandler {
         self.done = done;
     }
 
+    /// Reports host I/O errors to `hook` from now on.
+    pub fn set_io_error_hook(&mut self, hook: Option<IoErrorHook>) {
+        self.io_error = hook;
+    }
+
     /// Write-through mode (CONFIG_WCE with writeback off): every write is
     /// made durable before it completes.
     pub fn set_writethrough(&mut self, on: bool) {
@@ -217,8 +228,11 @@ impl BlkQueueHandler {
             let Some(slot) = self.slots.get_mut(idx) else {
                 continue;
             };
-            if c.result.is_err() {
+            if let Err(e) = &c.result {
                 slot.status = VirtioBlkError::Io.status();
+                if let (Some(hook), RequestError::Os(_)) = (&self.io_error, e) {
+                    hook(c.request.op(), e);
+                }
             }
             slot.pending = slot.pending.saturating_sub(1);
             if slot.pending == 0 {

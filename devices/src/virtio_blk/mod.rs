@@ -11,7 +11,7 @@ pub mod request;
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 
 pub use config::BlkOptions;
-pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler};
+pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler, IoErrorHook};
 pub use request::{BlkRequest, BlkRequestType, VirtioBlkError};
 
 #[cfg(test)]

@@ -1,0 +1,264 @@
+//! The block commands both `run` and `storage-daemon` serve, over their
+//! [`BlockGraph`]: node queries and statistics in QEMU's shapes,
+//! `blockdev-add`, `blockdev-del` and `block_resize`.
+
+use std::sync::Arc;
+
+use block::{BlockError, BlockGraph, BlockNode};
+use qapi::{BlockdevDetectZeroesOptions, BlockdevDiscardOptions};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{args, QmpError};
+
+/// The block commands of this module.
+pub const COMMANDS: &[&str] = &[
+    "query-named-block-nodes",
+    "query-blockstats",
+    "blockdev-add",
+    "blockdev-del",
+    "block_resize",
+];
+
+impl From<BlockError> for QmpError {
+    fn from(e: BlockError) -> Self {
+        let desc = error_chain(&e);
+        match e {
+            BlockError::NotFound(_) => QmpError::device_not_found(desc),
+            _ => QmpError::generic(desc),
+        }
+    }
+}
+
+/// An error and its causes on one line, as QEMU's `error_prepend` reads.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The file name QEMU shows for a node: a protocol node's own, else its
+/// file child's, else `driver://`.
+fn filename(n: &dyn BlockNode) -> String {
+    if let Some(f) = n.filename() {
+        return f.to_string();
+    }
+    match n.children().first() {
+        Some(c) => filename(c.as_ref()),
+        None => format!("{}://", n.driver()),
+    }
+}
+
+fn detect_zeroes(d: BlockdevDetectZeroesOptions) -> &'static str {
+    match d {
+        BlockdevDetectZeroesOptions::Off => "off",
+        BlockdevDetectZeroesOptions::On => "on",
+        BlockdevDetectZeroesOptions::Unmap => "unmap",
+    }
+}
+
+/// `ImageInfo` of a node and, when `chain`, of its children.
+fn image_info(n: &dyn BlockNode) -> Value {
+    json!({
+        "filename": filename(n),
+        "format": n.driver(),
+        "virtual-size": n.capacity(),
+        "dirty-flag": false,
+    })
+}
+
+/// QEMU's `BlockDeviceInfo` of one node.
+pub fn node_info(n: &dyn BlockNode) -> Value {
+    let o = n.options();
+    json!({
+        "node-name": n.node_name(),
+        "drv": n.driver(),
+        "file": filename(n),
+        "ro": n.read_only(),
+        "encrypted": false,
+        "backing_file_depth": 0,
+        "detect_zeroes": detect_zeroes(o.detect_zeroes),
+        "discard": matches!(o.discard, BlockdevDiscardOptions::Unmap),
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "cache": {"writeback": true, "direct": n.cache_direct(), "no-flush": o.no_flush},
+        "image": image_info(n),
+        "active": true,
+    })
+}
+
+/// QEMU's `BlockDeviceStats` of one node.
+pub fn node_stats(n: &dyn BlockNode) -> Value {
+    let s = n.stats().snapshot();
+    json!({
+        "rd_bytes": s.read.bytes,
+        "wr_bytes": s.write.bytes + s.write_zeroes.bytes,
+        "unmap_bytes": s.discard.bytes,
+        "zone_append_bytes": 0,
+        "rd_operations": s.read.ops,
+        "wr_operations": s.write.ops + s.write_zeroes.ops,
+        "flush_operations": s.flush.ops,
+        "unmap_operations": s.discard.ops,
+        "zone_append_operations": 0,
+        "rd_total_time_ns": s.read.total_ns,
+        "wr_total_time_ns": s.write.total_ns + s.write_zeroes.total_ns,
+        "flush_total_time_ns": s.flush.total_ns,
+        "unmap_total_time_ns": s.discard.total_ns,
+        "zone_append_total_time_ns": 0,
+        "wr_highest_offset": 0,
+        "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0, "zone_append_merged": 0,
+        "failed_rd_operations": s.read.errors,
+        "failed_wr_operations": s.write.errors + s.write_zeroes.errors,
+        "failed_flush_operations": s.flush.errors,
+        "failed_unmap_operations": s.discard.errors,
+        "failed_zone_append_operations": 0,
+        "invalid_rd_operations": 0, "invalid_wr_operations": 0,
+        "invalid_flush_operations": 0, "invalid_unmap_operations": 0,
+        "invalid_zone_append_operations": 0,
+        "account_invalid": false,
+        "account_failed": true,
+        "timed_stats": [],
+    })
+}
+
+/// `BlockStats` of a node with its file child as `parent`, as QEMU nests them.
+fn block_stats(n: &dyn BlockNode) -> Value {
+    let mut v = json!({"node-name": n.node_name(), "stats": node_stats(n)});
+    if let Some(c) = n.children().first() {
+        v["parent"] = block_stats(c.as_ref());
+    }
+    v
+}
+
+/// `query-named-block-nodes [flat]`.
+pub fn query_named_block_nodes(
+    graph: &BlockGraph,
+    a: &Map<String, Value>,
+) -> Result<Value, QmpError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Args {
+        #[serde(default)]
+        flat: bool,
+    }
+    let a: Args = args(a)?;
+    let nodes = graph
+        .nodes()
+        .map(|(_, n)| {
+            let mut v = node_info(n.as_ref());
+            if !a.flat {
+                // Without `flat`, each image carries the chain below it.
+                let chain: Vec<Value> = n
+                    .children()
+                    .iter()
+                    .map(|c| image_info(c.as_ref()))
+                    .collect();
+                if !chain.is_empty() {
+                    v["image"]["children"] = Value::Array(
+                        chain
+                            .into_iter()
+                            .map(|i| json!({"child": "file", "info": i}))
+                            .collect(),
+                    );
+                }
+            }
+            v
+        })
+        .collect();
+    Ok(Value::Array(nodes))
+}
+
+/// `query-blockstats [query-nodes]`. Without `query-nodes`, one entry per
+/// attached user (device or export), `qdev` naming it.
+pub fn query_blockstats(graph: &BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+    struct Args {
+        #[serde(default)]
+        query_nodes: bool,
+    }
+    let a: Args = args(a)?;
+    let mut out = Vec::new();
+    for (name, n) in graph.nodes() {
+        if a.query_nodes {
+            out.push(block_stats(n.as_ref()));
+            continue;
+        }
+        for user in graph.users(name) {
+            let mut v = block_stats(n.as_ref());
+            v["device"] = json!("");
+            v["qdev"] = json!(user);
+            out.push(v);
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+/// `blockdev-add`: the same typed schema as `--blockdev`.
+pub fn blockdev_add(graph: &mut BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
+    let opts = qapi::blockdev_from_json(&Value::Object(a.clone()))?;
+    graph.add(&opts)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-del node-name=NAME`: refuses a node in use, naming its users.
+pub fn blockdev_del(graph: &mut BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+    struct Args {
+        node_name: String,
+    }
+    let a: Args = args(a)?;
+    if graph.lookup(&a.node_name).is_err() {
+        return Err(QmpError::generic(format!(
+            "Failed to find node with node-name='{}'",
+            a.node_name
+        )));
+    }
+    if graph.is_implicit(&a.node_name) {
+        return Err(QmpError::generic(format!(
+            "Node {} is not owned by the monitor",
+            a.node_name
+        )));
+    }
+    graph.remove(&a.node_name)?;
+    Ok(json!({}))
+}
+
+/// `block_resize (device|node-name) size`: returns the resized node so the
+/// caller can tell the devices and exports above it.
+pub fn block_resize(
+    graph: &BlockGraph,
+    a: &Map<String, Value>,
+) -> Result<Arc<dyn BlockNode>, QmpError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+    struct Args {
+        #[serde(default)]
+        device: Option<String>,
+        #[serde(default)]
+        node_name: Option<String>,
+        size: i64,
+    }
+    let a: Args = args(a)?;
+    let name = match (&a.device, &a.node_name) {
+        (Some(d), None) => d,
+        (None, Some(n)) => n,
+        _ => {
+            return Err(QmpError::generic(
+                "Need exactly one of 'device' and 'node-name'",
+            ))
+        }
+    };
+    if a.size < 0 {
+        return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+    }
+    let node = graph.lookup(name)?;
+    node.truncate(a.size as u64)?;
+    Ok(node)
+}
