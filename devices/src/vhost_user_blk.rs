@@ -181,8 +181,9 @@ impl VhostUserBlkBackend {
         }
     }
 
-    /// The thread id of the first worker thread that has served an event
-    /// (what QMP's `query-iothreads` reports for the export's iothread).
+    /// The thread id of the first worker thread of the current connection
+    /// that has served an event (what QMP's `query-iothreads` reports for
+    /// the export's iothread).
     pub fn worker_tid(&self) -> Option<i32> {
         self.inner
             .worker_tids
@@ -202,6 +203,9 @@ impl VhostUserBlkBackend {
 
     /// Tells every worker thread to leave its loop.
     pub fn stop_workers(&self) {
+        for t in &self.inner.worker_tids {
+            t.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         for (_, n) in lock(&self.inner.exit).iter() {
             let _ = n.notify();
         }

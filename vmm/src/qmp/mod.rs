@@ -394,6 +394,8 @@ fn spawn_client(stream: UnixStream, monitor: Arc<dyn Monitor>, events: Events) -
                 negotiated: false,
             };
             session.run(r_stream);
+            // The event list may still hold a sender: tell the writer.
+            let _ = session.tx.send(Value::Null);
         })?;
     Ok(Client {
         stream,
@@ -404,6 +406,10 @@ fn spawn_client(stream: UnixStream, monitor: Arc<dyn Monitor>, events: Events) -
 
 fn write_loop(mut stream: UnixStream, rx: Receiver<Value>) {
     for msg in rx {
+        // The reader's last word: everything before it has been written.
+        if msg.is_null() {
+            return;
+        }
         let mut line = msg.to_string();
         line.push_str("\r\n");
         if stream.write_all(line.as_bytes()).is_err() {

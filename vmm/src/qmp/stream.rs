@@ -59,8 +59,28 @@ impl Splitter {
             match b {
                 b' ' | b'\t' | b'\r' | b'\n' => return,
                 b'{' | b'[' => {}
+                b'"' => {
+                    // A top-level string is one token, spaces and all.
+                    self.bare = true;
+                    self.in_string = true;
+                    self.push(b);
+                    return;
+                }
                 _ => self.bare = true,
             }
+        }
+        if self.bare && self.in_string {
+            self.push(b);
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                self.bare = false;
+                self.finish(out);
+            }
+            return;
         }
         if self.bare {
             // A bare token ends at whitespace or where an object starts.
@@ -163,8 +183,11 @@ mod tests {
 
     #[test]
     fn bare_tokens_are_messages_of_their_own() {
-        let out = split("foo 42{\"a\":1}", 1000);
-        assert_eq!(out, vec![msg("foo"), msg("42"), msg("{\"a\":1}")]);
+        let out = split("foo 42{\"a\":1} \"a \\\" b\" x", 1000);
+        assert_eq!(
+            out,
+            vec![msg("foo"), msg("42"), msg("{\"a\":1}"), msg("\"a \\\" b\""),]
+        );
     }
 
     #[test]
