@@ -1,0 +1,56 @@
+# Helpers for the L1 test script of the nested harness, /lib/nested.sh in
+# L1 (sourced after /lib/blkvm.sh, whose `result`, `md5` and `disk_info`
+# are there too).
+
+# The L2 guest: the same Debian kernel as L1 and the test guest's
+# initramfs (resources/guest/) with the test's L2 script appended.
+L2_KERNEL=/l2/vmlinuz
+L2_INITRD=/l2/initrd
+# 8250 console; panic=-1 turns an L2 panic into a reset, which should end
+# `blkvm run` (as QEMU's -no-reboot does). virtio-mmio devices are found
+# through ACPI, so nothing for them here.
+L2_CMDLINE=${L2_CMDLINE:-console=ttyS0 panic=-1}
+# Seconds `blkvm run` may take before it is killed (SIGKILL).
+L2_TIMEOUT=${L2_TIMEOUT:-300}
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# l2_run ARG...: `blkvm run ARG...` with L2's serial console on its
+# stdout; each line of it is printed as `L2| LINE`, which the harness
+# files under L2 (blkvm's own stderr passes through unmarked, as L1
+# output). Reports `l2.rc` (blkvm run's exit code, 137 if L2_TIMEOUT
+# killed it) and `l2.seconds` (wall time in L1), and returns the exit code,
+# so under `sh -e` a failed run ends the script unless tested with `if`.
+l2_run() {
+    l2_t0=$(uptime_s)
+    {
+        l2_rc=0
+        timeout -s KILL "$L2_TIMEOUT" blkvm run "$@" </dev/null || l2_rc=$?
+        echo "$l2_rc" >/tmp/l2.rc
+    } | sed 's/^/L2| /'
+    l2_rc=$(cat /tmp/l2.rc)
+    result l2.rc "$l2_rc"
+    result l2.seconds "$(awk -v a="$l2_t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')"
+    return "$l2_rc"
+}
+
+# l2_boot ARG...: l2_run with the L2 kernel, initrd and command line,
+# 256 MiB, one vCPU and the serial console on stdio; ARG... adds the
+# devices (and may override any of those: later options win, as in QEMU).
+l2_boot() {
+    l2_run --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --cmdline "$L2_CMDLINE" \
+        --memory 256M --cpus 1 --serial stdio "$@"
+}
+
+# image NAME MIB: creates /tmp/NAME.img, MIB MiB of zeros (sparse, in L1's
+# tmpfs) and prints its path. Linux 6.1's tmpfs has no O_DIRECT: give
+# such images cache.direct=off.
+image() {
+    truncate -s "$2M" "/tmp/$1.img"
+    echo "/tmp/$1.img"
+}
+
+# image_md5 FILE: the md5 of a whole image file, as L1 sees it.
+image_md5() {
+    md5sum <"$1" | cut -d' ' -f1
+}
