@@ -15,17 +15,17 @@ L2_TIMEOUT=${L2_TIMEOUT:-300}
 
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
-# l2_run ARG...: `blkvm run ARG...` with L2's serial console on its
-# stdout; each line of it is printed as `L2| LINE`, which the harness
-# files under L2 (blkvm's own stderr passes through unmarked, as L1
-# output). Reports `l2.rc` (blkvm run's exit code, 137 if L2_TIMEOUT
-# killed it) and `l2.seconds` (wall time in L1), and returns the exit code,
-# so under `sh -e` a failed run ends the script unless tested with `if`.
-l2_run() {
+# l2_exec COMMAND...: runs a VMM whose stdout is L2's serial console;
+# each line of it is printed as `L2| LINE`, which the harness files under
+# L2 (the VMM's stderr passes through unmarked, as L1 output). Reports
+# `l2.rc` (the VMM's exit code, 137 if L2_TIMEOUT killed it) and
+# `l2.seconds` (wall time in L1), and returns the exit code, so under
+# `sh -e` a failed run ends the script unless tested with `if`.
+l2_exec() {
     l2_t0=$(uptime_s)
     {
         l2_rc=0
-        timeout -s KILL "$L2_TIMEOUT" blkvm run "$@" </dev/null || l2_rc=$?
+        timeout -s KILL "$L2_TIMEOUT" "$@" </dev/null || l2_rc=$?
         echo "$l2_rc" >/tmp/l2.rc
     } | sed 's/^/L2| /'
     l2_rc=$(cat /tmp/l2.rc)
@@ -34,12 +34,27 @@ l2_run() {
     return "$l2_rc"
 }
 
+# l2_run ARG...: l2_exec blkvm run ARG...
+l2_run() {
+    l2_exec blkvm run "$@"
+}
+
 # l2_boot ARG...: l2_run with the L2 kernel, initrd and command line,
 # 256 MiB, one vCPU and the serial console on stdio; ARG... adds the
 # devices (and may override any of those: later options win, as in QEMU).
 l2_boot() {
     l2_run --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --cmdline "$L2_CMDLINE" \
         --memory 256M --cpus 1 --serial stdio "$@"
+}
+
+# l2_boot_qemu ARG...: the same L2 under QEMU with KVM, the known-good VMM
+# (only with NestedVm::with_qemu): a microvm with ACPI, so virtio-mmio
+# devices (-device virtio-blk-device) are found as blkvm's are, and PCIe,
+# for virtio-blk-pci. ARG... adds the devices.
+l2_boot_qemu() {
+    l2_exec qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
+        -machine microvm,acpi=on,pcie=on,rtc=on -accel kvm -cpu host -m 256M -smp 1 \
+        -serial stdio -kernel "$L2_KERNEL" -initrd "$L2_INITRD" -append "$L2_CMDLINE" "$@"
 }
 
 # image NAME MIB: creates /tmp/NAME.img, MIB MiB of zeros (sparse, in L1's

@@ -9,17 +9,18 @@
 # appended to the test guest's initramfs as its /test.sh, and the result
 # is L1's /l2/initrd. BLKVM (default: blkvm from PATH, then
 # target/debug/blkvm) is packed with its libraries; MEM (MiB, default
-# 2048) and CPUS (2) size L1; APPEND adds L1 kernel arguments.
+# 2048) and CPUS (2) size L1; APPEND adds L1 kernel arguments; WITH_QEMU=1
+# puts qemu-system-x86_64 in L1 too.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 guest_out=$here/../out/guest
 out=$here/../out/nested
-[ $# -ge 1 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 l1_script=$1
 l2_script=${2:-}
 blkvm=${BLKVM:-$(command -v blkvm || echo "$here/../../target/debug/blkvm")}
-"$here/build.sh" "$blkvm" >&2
+QEMU=${WITH_QEMU:-0} "$here/build.sh" "$blkvm" >&2
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -30,6 +31,10 @@ cp "$out/initramfs.cpio" "$work/initrd"
 pad "$work/initrd"
 cat "$out/programs.cpio" >>"$work/initrd"
 pad "$work/initrd"
+if [ "${WITH_QEMU:-0}" = 1 ]; then
+    cat "$out/qemu.cpio" >>"$work/initrd"
+    pad "$work/initrd"
+fi
 mkdir -p "$work/root/l2"
 [ "$l1_script" = - ] || cp "$l1_script" "$work/root/test.sh"
 cp "$guest_out/initramfs.cpio.gz" "$work/root/l2/initrd"

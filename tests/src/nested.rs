@@ -4,10 +4,11 @@
 //! real `/dev/kvm` with nested paging, and `blkvm run` inside L1 boots the
 //! L2 guest (the same Debian kernel and the test guest's initramfs).
 //!
-//! L1's initrd is three cpio archives, one after the other: the base of
+//! L1's initrd is cpio archives one after the other: the base of
 //! `resources/nested/` (busybox, `/init`, the KVM and virtio modules,
-//! `kvm-smoke`, the L2 kernel), `blkvm` with its shared libraries, and the
-//! test's own (`/test.sh`, the L2 initrd with the L2 script appended,
+//! `kvm-smoke`, the L2 kernel), `blkvm` with its shared libraries (and,
+//! with [`NestedVm::with_qemu`], `qemu-system-x86_64`), and the test's own
+//! (`/test.sh`, the L2 initrd with the L2 script appended,
 //! [`NestedVm::file`]s). L1's `/init` loads the modules, prints
 //! `BLKVM-L1-READY` once `/dev/kvm` is there, runs `/test.sh` and prints
 //! `BLKVM-DONE rc=N`. The L1 script's `l2_run`/`l2_boot` helpers
@@ -49,6 +50,9 @@ pub struct NestedImage {
     pub l1_initramfs: PathBuf,
     /// `blkvm` and its shared libraries (uncompressed cpio).
     pub programs: PathBuf,
+    /// `qemu-system-x86_64`, its libraries and firmware (uncompressed
+    /// cpio, ~60 MB), for [`NestedVm::with_qemu`].
+    pub qemu: PathBuf,
     /// The test guest's kernel and initramfs: L2's.
     pub l2: GuestImage,
 }
@@ -74,6 +78,7 @@ impl NestedImage {
         let out = resources.join("out/nested");
         let output = Command::new(&script)
             .arg(&blkvm)
+            .env("QEMU", "1")
             .env("GUEST_OUT", &guest)
             .env("NESTED_OUT", &out)
             .output()
@@ -91,6 +96,7 @@ impl NestedImage {
             kernel: guest.join("vmlinuz"),
             l1_initramfs: out.join("initramfs.cpio"),
             programs: out.join("programs.cpio"),
+            qemu: out.join("qemu.cpio"),
             l2: GuestImage {
                 kernel: guest.join("vmlinuz"),
                 initramfs: guest.join("initramfs.cpio.gz"),
@@ -128,6 +134,7 @@ pub struct NestedVm {
     l1_script: String,
     l2_script: Option<String>,
     files: Vec<(String, Vec<u8>)>,
+    with_qemu: bool,
     memory_mib: u64,
     cpus: u32,
     timeout: Duration,
@@ -148,6 +155,7 @@ impl NestedVm {
             l1_script: String::new(),
             l2_script: None,
             files: Vec::new(),
+            with_qemu: false,
             memory_mib: 2048,
             cpus: 2,
             timeout: DEFAULT_TIMEOUT,
@@ -158,8 +166,8 @@ impl NestedVm {
 
     /// L1's `/test.sh`: a busybox `sh -e` script with the helpers of
     /// `resources/guest/lib.sh` (`result`, `md5`, `disk_info`) and
-    /// `resources/nested/lib.sh` (`l2_boot`, `l2_run`, `image`,
-    /// `image_md5`).
+    /// `resources/nested/lib.sh` (`l2_boot`, `l2_run`, `l2_boot_qemu`,
+    /// `l2_exec`, `image`, `image_md5`).
     pub fn l1_script(mut self, script: impl Into<String>) -> Self {
         self.l1_script = script.into();
         self
@@ -180,6 +188,15 @@ impl NestedVm {
         let path: String = path.into();
         self.files
             .push((path.trim_start_matches('/').to_owned(), data.into()));
+        self
+    }
+
+    /// Puts `qemu-system-x86_64` (with its libraries and firmware) in L1,
+    /// for the script's `l2_boot_qemu`: QEMU with KVM is the known-good
+    /// VMM that proves a test before it is pointed at `blkvm run`. Costs
+    /// ~60 MB of initrd, about a second of L1 boot.
+    pub fn with_qemu(mut self) -> Self {
+        self.with_qemu = true;
         self
     }
 
@@ -269,6 +286,10 @@ impl NestedVm {
         cpio::pad_for_next_archive(&mut initrd);
         initrd.extend(read(&image.programs)?);
         cpio::pad_for_next_archive(&mut initrd);
+        if self.with_qemu {
+            initrd.extend(read(&image.qemu)?);
+            cpio::pad_for_next_archive(&mut initrd);
+        }
         initrd.extend(cpio::archive(&files));
         Ok(initrd)
     }
