@@ -11,7 +11,7 @@ L2_INITRD=/l2/initrd
 # through ACPI, so nothing for them here.
 L2_CMDLINE=${L2_CMDLINE:-console=ttyS0 panic=-1}
 # Seconds `blkvm run` may take before it is killed (SIGKILL).
-L2_TIMEOUT=${L2_TIMEOUT:-300}
+L2_TIMEOUT=${L2_TIMEOUT:-200}
 
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
