@@ -9,12 +9,12 @@
 #   resources/out/guest/modules/NAME.ko         the wanted modules and their
 #                                               dependencies, uncompressed
 #   resources/out/guest/modules/order           load order, one name a line
-#   resources/out/guest/kvm-modules/            the same for KVM (kvm-amd),
-#                                               which only the nested
-#                                               harness's L1 loads
+#   resources/out/guest/l1-modules/             the same for the nested
+#                                               harness's L1 only: KVM
+#                                               (kvm-amd) and loop
 #
 # The wanted modules are $GUEST_MODULES (default: virtio-pci, virtio-mmio
-# and virtio-blk) and $KVM_MODULES (default: kvm-amd); their dependencies
+# and virtio-blk) and $L1_MODULES (default: kvm-amd, loop); their dependencies
 # are found with `modinfo -F depends` and put before them. One download
 # serves both sets, so the nested harness's L1 and L2 run the same kernel.
 # Idempotent: does nothing when all of that is there. FORCE=1 fetches
@@ -24,19 +24,19 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${GUEST_OUT:-$here/../out/guest}
 wanted=${GUEST_MODULES:-virtio_pci virtio_mmio virtio_blk}
-wanted_kvm=${KVM_MODULES:-kvm_amd}
+wanted_l1=${L1_MODULES:-kvm_amd loop}
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 have_all() {
-    [ -s "$out/vmlinuz" ] && [ -s "$out/modules/order" ] && [ -s "$out/kvm-modules/order" ] || return 1
+    [ -s "$out/vmlinuz" ] && [ -s "$out/modules/order" ] && [ -s "$out/l1-modules/order" ] || return 1
     local m
     for m in $wanted; do
         grep -qx "$m" "$out/modules/order" || return 1
     done
-    for m in $wanted_kvm; do
-        grep -qx "$m" "$out/kvm-modules/order" || return 1
+    for m in $wanted_l1; do
+        grep -qx "$m" "$out/l1-modules/order" || return 1
     done
 }
 if [ "${FORCE:-0}" != 1 ] && have_all; then
@@ -134,12 +134,12 @@ collect() {
 # shellcheck disable=SC2086 # word lists
 collect modules $wanted
 # shellcheck disable=SC2086
-collect kvm-modules $wanted_kvm
+collect l1-modules $wanted_l1
 
-rm -rf "$out/modules" "$out/kvm-modules"
+rm -rf "$out/modules" "$out/l1-modules"
 cp "$work/root/boot/vmlinuz-$release" "$out/vmlinuz.new"
 echo "$release" >"$out/kernel-release"
 mv "$work/modules" "$out/modules"
-mv "$work/kvm-modules" "$out/kvm-modules"
+mv "$work/l1-modules" "$out/l1-modules"
 mv "$out/vmlinuz.new" "$out/vmlinuz"
 echo "fetch-kernel.sh: $pkg ($release)"

@@ -3,7 +3,7 @@
 # resources/out/nested/initramfs.cpio (cpio newc, uncompressed: under TCG
 # the L1 kernel copies it faster than it could gunzip it): busybox-static,
 # /init and /lib/nested.sh from this folder, /lib/blkvm.sh
-# (resources/guest/lib.sh), /bin/kvm-smoke, the KVM and virtio modules
+# (resources/guest/lib.sh), /bin/kvm-smoke, the KVM, loop and virtio modules
 # that resources/guest/fetch-kernel.sh left in resources/out/guest, and
 # the L2 kernel /l2/vmlinuz (the same Debian kernel). No blkvm, no
 # /test.sh, no /l2/initrd: each test appends those (see README.md).
@@ -20,7 +20,7 @@ guest=$(cd "$guest" && pwd)
 target=$out/initramfs.cpio
 busybox=/bin/busybox
 
-for f in "$busybox" "$guest/vmlinuz" "$guest/modules/order" "$guest/kvm-modules/order"; do
+for f in "$busybox" "$guest/vmlinuz" "$guest/modules/order" "$guest/l1-modules/order"; do
     [ -e "$f" ] || { echo "build-initramfs.sh: $f missing (resources/setup.sh, resources/guest/build.sh)" >&2; exit 1; }
 done
 if ldd "$busybox" >/dev/null 2>&1; then
@@ -31,7 +31,7 @@ fi
 if [ "${FORCE:-0}" != 1 ] && [ -s "$target" ]; then
     stale=""
     for f in "$busybox" "$here/init" "$here/lib.sh" "$here/kvm-smoke.c" "$here/build-initramfs.sh" \
-        "$here/../guest/lib.sh" "$guest/vmlinuz" "$guest"/modules/* "$guest"/kvm-modules/*; do
+        "$here/../guest/lib.sh" "$guest/vmlinuz" "$guest"/modules/* "$guest"/l1-modules/*; do
         [ "$f" -nt "$target" ] && stale=1
     done
     [ -n "$stale" ] || exit 0
@@ -39,7 +39,7 @@ fi
 
 stage=$(mktemp -d "$out/initramfs.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,dev,proc,sys,tmp,l2,lib/modules/kvm,lib/modules/virtio}
+mkdir -p "$stage"/{bin,dev,proc,sys,tmp,l2,lib/modules/l1,lib/modules/virtio}
 cp "$busybox" "$stage/bin/busybox"
 for applet in $("$busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$stage/bin/$applet"
@@ -49,7 +49,7 @@ install -m 0755 "$here/init" "$stage/init"
 install -m 0644 "$here/../guest/lib.sh" "$stage/lib/blkvm.sh"
 install -m 0644 "$here/lib.sh" "$stage/lib/nested.sh"
 gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/kvm-smoke" "$here/kvm-smoke.c"
-cp "$guest"/kvm-modules/*.ko "$guest/kvm-modules/order" "$stage/lib/modules/kvm/"
+cp "$guest"/l1-modules/*.ko "$guest/l1-modules/order" "$stage/lib/modules/l1/"
 cp "$guest"/modules/*.ko "$guest/modules/order" "$stage/lib/modules/virtio/"
 cp "$guest/vmlinuz" "$stage/l2/vmlinuz"
 [ "$(id -u)" -ne 0 ] || mknod -m 0600 "$stage/dev/console" c 5 1

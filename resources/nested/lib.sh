@@ -65,6 +65,16 @@ image() {
     echo "/tmp/$1.img"
 }
 
+# loop_image NAME MIB: `image NAME MIB` behind a loop device, which takes
+# O_DIRECT; prints the device. Detach it (losetup -d) before reading the
+# file.
+loop_image() {
+    loop_file=$(image "$1" "$2")
+    loop_dev=$(losetup -f)
+    losetup "$loop_dev" "$loop_file"
+    echo "$loop_dev"
+}
+
 # image_md5 FILE: the md5 of a whole image file, as L1 sees it.
 image_md5() {
     md5sum <"$1" | cut -d' ' -f1

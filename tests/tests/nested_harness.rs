@@ -32,6 +32,10 @@ fn l1_has_nested_kvm_that_runs_guest_code() -> Result<()> {
         out.error("L1 did not load irqbypass, kvm, ccp, kvm_amd in that order")
     );
     ensure!(
+        !lines.iter().any(|l| l.starts_with("BLKVM-ERROR")),
+        out.error("L1's /init reported an error (a module that did not load?)")
+    );
+    ensure!(
         has("BLKVM-L1-KVM dev=/dev/kvm nested=1 npt=Y"),
         out.error("L1 has no nested KVM with nested paging")
     );

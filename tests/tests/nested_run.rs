@@ -32,16 +32,17 @@ done
 "#;
 
 /// L1's script: two images in L1's tmpfs, `blkvm run` with one
-/// virtio-blk-pci and one virtio-blk-device (virtio-mmio, found through
-/// ACPI), each on its own iothread; after L2 is gone, what the images
-/// hold where L2 wrote.
+/// virtio-blk-pci (on a loop device, with O_DIRECT and io_uring) and one
+/// virtio-blk-device (virtio-mmio, found through ACPI; buffered, threads),
+/// each on its own iothread; after L2 is gone, what the images hold where
+/// L2 wrote.
 const L1_BOOT_L2_WITH_TWO_DISKS: &str = r#"
-pci=$(image pci 64)
+pci=$(loop_image pci 64)
 mmio=$(image mmio 96)
 l2_boot \
     --object iothread,id=io0 \
     --object iothread,id=io1 \
-    --blockdev "file,node-name=f0,filename=$pci,aio=io_uring" \
+    --blockdev "file,node-name=f0,filename=$pci,aio=io_uring,cache.direct=on" \
     --blockdev raw,node-name=d0,file=f0 \
     --blockdev "file,node-name=f1,filename=$mmio" \
     --blockdev raw,node-name=d1,file=f1 \
@@ -51,14 +52,14 @@ images_report
 "#;
 
 /// The same under QEMU: a microvm with ACPI (virtio-mmio devices found as
-/// blkvm's are) and PCIe.
+/// blkvm's are) and PCIe; QEMU's `file` takes no block device.
 const L1_BOOT_L2_WITH_TWO_DISKS_QEMU: &str = r#"
-pci=$(image pci 64)
+pci=$(loop_image pci 64)
 mmio=$(image mmio 96)
 l2_boot_qemu \
     -object iothread,id=io0 \
     -object iothread,id=io1 \
-    -blockdev "file,node-name=f0,filename=$pci,aio=io_uring" \
+    -blockdev "host_device,node-name=f0,filename=$pci,aio=io_uring,cache.direct=on" \
     -blockdev raw,node-name=d0,file=f0 \
     -blockdev "file,node-name=f1,filename=$mmio" \
     -blockdev raw,node-name=d1,file=f1 \
@@ -68,9 +69,10 @@ images_report
 "#;
 
 /// Defines `images_report`, run by L1 after L2 is gone: the size of each
-/// image and the md5 of where L2 wrote.
+/// image and the md5 of where L2 wrote (the loop device detached first).
 const L1_IMAGES_REPORT: &str = r#"
 images_report() {
+    losetup -d "$pci"
     for name in pci mmio; do
         img=/tmp/$name.img
         result "$name.image.size" "$(stat -c %s "$img")"
