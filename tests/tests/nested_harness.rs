@@ -115,3 +115,26 @@ fn l2_console_is_marked_and_blkvm_exit_code_reported() -> Result<()> {
     );
     Ok(())
 }
+
+/// Without SVM (a CPU model that lacks it) kvm-amd does not load, and the
+/// harness fails, saying so, instead of running the script.
+#[test]
+fn l1_without_svm_fails_before_the_script() -> Result<()> {
+    let err = NestedVm::new()
+        .qemu_arg("-cpu")
+        .qemu_arg("qemu64,-svm")
+        .l1_script("echo SCRIPT-RAN")
+        .run()
+        .expect_err("L1 without SVM passed");
+    let text = format!("{err:#}");
+
+    ensure!(
+        text.contains("BLKVM-ERROR no /dev/kvm"),
+        "no clear error:\n{text}"
+    );
+    ensure!(
+        !text.contains("\nSCRIPT-RAN"),
+        "the script ran without KVM:\n{text}"
+    );
+    Ok(())
+}
