@@ -16,7 +16,8 @@ L2_TIMEOUT=${L2_TIMEOUT:-200}
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
 # l2_exec COMMAND...: runs a VMM whose stdout is L2's serial console;
-# each line of it is printed as `L2| LINE`, which the harness files under
+# each line of it is printed as `L2| LINE` (a last line without a newline
+# gets one, so L1's next line stays L1's), which the harness files under
 # L2 (the VMM's stderr passes through unmarked, as L1 output). Reports
 # `l2.rc` (the VMM's exit code, 137 if L2_TIMEOUT killed it) and
 # `l2.seconds` (wall time in L1), and returns the exit code, so under
@@ -27,7 +28,7 @@ l2_exec() {
         l2_rc=0
         timeout -s KILL "$L2_TIMEOUT" "$@" </dev/null || l2_rc=$?
         echo "$l2_rc" >/tmp/l2.rc
-    } | sed 's/^/L2| /'
+    } | awk '{ print "L2| " $0; fflush() }'
     l2_rc=$(cat /tmp/l2.rc)
     result l2.rc "$l2_rc"
     result l2.seconds "$(awk -v a="$l2_t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')"

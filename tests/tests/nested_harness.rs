@@ -77,7 +77,8 @@ fn l2_console_is_marked_and_blkvm_exit_code_reported() -> Result<()> {
             r#"
             mkdir -p /tmp/fake
             printf '%s\n' '#!/bin/sh' 'echo "L2 says $*"' 'echo BLKVM-RESULT from=l2' \
-                'echo BLKVM-DONE rc=0' 'echo blkvm stderr >&2' 'exit 3' >/tmp/fake/blkvm
+                'echo BLKVM-DONE rc=0' 'echo blkvm stderr >&2' 'printf no-newline' 'exit 3' \
+                >/tmp/fake/blkvm
             chmod +x /tmp/fake/blkvm
             if PATH=/tmp/fake:$PATH l2_run a b; then exit 1; fi
             result fake.rc "$(cat /tmp/l2.rc)"
@@ -96,6 +97,10 @@ fn l2_console_is_marked_and_blkvm_exit_code_reported() -> Result<()> {
     ensure!(
         out.l2_result("from")? == "l2" && out.l2.rc == Some(0),
         out.error("L2's result or rc was not filed under L2")
+    );
+    ensure!(
+        l2.last() == Some(&"no-newline"),
+        out.error("L2's last line, without a newline, did not end as L2's")
     );
     ensure!(
         out.l1_lines().any(|l| l == "blkvm stderr"),
