@@ -10,6 +10,9 @@ L2_INITRD=/l2/initrd
 # `blkvm run` (as QEMU's -no-reboot does). virtio-mmio devices are found
 # through ACPI, so nothing for them here.
 L2_CMDLINE=${L2_CMDLINE:-console=ttyS0 panic=-1}
+# L2's RAM and vCPUs.
+L2_MEMORY=${L2_MEMORY:-256M}
+L2_CPUS=${L2_CPUS:-1}
 # Seconds `blkvm run` may take before it is killed (SIGKILL).
 L2_TIMEOUT=${L2_TIMEOUT:-200}
 
@@ -41,11 +44,11 @@ l2_run() {
 }
 
 # l2_boot ARG...: l2_run with the L2 kernel, initrd and command line,
-# 256 MiB, one vCPU and the serial console on stdio; ARG... adds the
-# devices (and may override any of those: later options win, as in QEMU).
+# L2_MEMORY, L2_CPUS and the serial console on stdio; ARG... adds the
+# devices (set the variables to change the rest).
 l2_boot() {
     l2_run --kernel "$L2_KERNEL" --initrd "$L2_INITRD" --cmdline "$L2_CMDLINE" \
-        --memory 256M --cpus 1 --serial stdio "$@"
+        --memory "$L2_MEMORY" --cpus "$L2_CPUS" --serial stdio "$@"
 }
 
 # l2_boot_qemu ARG...: the same L2 under QEMU with KVM, the known-good VMM
@@ -54,7 +57,7 @@ l2_boot() {
 # for virtio-blk-pci. ARG... adds the devices.
 l2_boot_qemu() {
     l2_exec qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
-        -machine microvm,acpi=on,pcie=on,rtc=on -accel kvm -cpu host -m 256M -smp 1 \
+        -machine microvm,acpi=on,pcie=on,rtc=on -accel kvm -cpu host -m "$L2_MEMORY" -smp "$L2_CPUS" \
         -serial stdio -kernel "$L2_KERNEL" -initrd "$L2_INITRD" -append "$L2_CMDLINE" "$@"
 }
 

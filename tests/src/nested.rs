@@ -252,13 +252,12 @@ impl NestedVm {
             .with_context(|| format!("writing {}", initrd.display()))?;
         let mut command = Command::new(qemu_binary());
         command.args(self.qemu_args(image, &initrd));
-        let started = Instant::now();
-        let vm = RunningVm::start(command, dir, self.timeout, is_l1_done)?;
+        let mut vm = RunningVm::start(command, dir, self.timeout, is_l1_done)?;
+        vm.time_line(READY_MARKER);
         Ok(RunningNestedVm {
             vm,
-            started,
+            started: Instant::now(),
             timeout: self.timeout,
-            boot_time: None,
         })
     }
 
@@ -348,21 +347,39 @@ pub struct RunningNestedVm {
     vm: RunningVm,
     started: Instant,
     timeout: Duration,
-    boot_time: Option<Duration>,
 }
 
 impl RunningNestedVm {
     /// Waits until L1 has loaded KVM and is about to run its script, and
     /// returns the time since QEMU started.
     pub fn wait_ready(&mut self) -> Result<Duration> {
-        if let Some(time) = self.boot_time {
+        if let Some(time) = self.vm.line_time() {
             return Ok(time);
         }
         let left = (self.started + self.timeout).saturating_duration_since(Instant::now());
         self.vm.wait_for(READY_MARKER, left)?;
-        let time = self.started.elapsed();
-        self.boot_time = Some(time);
-        Ok(time)
+        self.vm
+            .line_time()
+            .ok_or_else(|| anyhow!("{READY_MARKER} seen but not timed"))
+    }
+
+    /// Waits until a console line (L1's or L2's, marked) contains `needle`
+    /// and returns the line; fails if QEMU exits or `timeout` passes first.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        self.vm.wait_for(needle, timeout)
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        self.vm.console()
+    }
+
+    /// Kills QEMU at once (SIGKILL) and returns what the guests had
+    /// printed.
+    pub fn kill(self) -> NestedOutput {
+        let boot_time = self.vm.line_time().unwrap_or_default();
+        let output = self.vm.kill();
+        NestedOutput::parse(output.console, output.status, boot_time)
     }
 
     /// Waits for L1 to finish and QEMU to exit, and returns what both
@@ -391,7 +408,7 @@ pub struct NestedOutput {
     /// The whole console, both guests and QEMU's stderr.
     pub console: String,
     /// From QEMU's start to L1's `BLKVM-L1-READY` (KVM loaded), on the
-    /// host's clock.
+    /// host's clock (zero if L1 was killed before it was seen).
     pub boot_time: Duration,
 }
 

@@ -255,9 +255,12 @@ pub struct RunningVm {
     log: Arc<Mutex<String>>,
     lines: mpsc::Receiver<String>,
     readers: Vec<JoinHandle<()>>,
+    started: Instant,
     deadline: Instant,
     done: bool,
     is_done: fn(&str) -> bool,
+    /// A line to time, and when (since the start) one first contained it.
+    timed: Option<(&'static str, Option<Duration>)>,
 }
 
 impl RunningVm {
@@ -286,16 +289,41 @@ impl RunningVm {
             spawn_reader(stdout, Arc::clone(&log), tx.clone()),
             spawn_reader(stderr, Arc::clone(&log), tx),
         ];
+        let started = Instant::now();
         Ok(RunningVm {
             child,
             _dir: dir,
             log,
             lines,
             readers,
-            deadline: Instant::now() + timeout,
+            started,
+            deadline: started + timeout,
             done: false,
             is_done,
+            timed: None,
         })
+    }
+
+    /// Notes when a console line first contains `needle`, for
+    /// [`line_time`](Self::line_time).
+    pub(crate) fn time_line(&mut self, needle: &'static str) {
+        self.timed = Some((needle, None));
+    }
+
+    /// When, since QEMU started, the line given to
+    /// [`time_line`](Self::time_line) was first read (by
+    /// [`wait_for`](Self::wait_for) or [`wait`](Self::wait)).
+    pub(crate) fn line_time(&self) -> Option<Duration> {
+        self.timed.and_then(|(_, at)| at)
+    }
+
+    fn note(&mut self, line: &str) {
+        self.done |= (self.is_done)(line);
+        if let Some((needle, at @ None)) = &mut self.timed {
+            if line.contains(*needle) {
+                *at = Some(self.started.elapsed());
+            }
+        }
     }
 
     /// QEMU's process id.
@@ -317,7 +345,7 @@ impl RunningVm {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    self.done |= (self.is_done)(&line);
+                    self.note(&line);
                     if line.contains(needle) {
                         return Ok(line);
                     }
@@ -348,7 +376,7 @@ impl RunningVm {
                 .lines
                 .recv_timeout(limit.saturating_duration_since(Instant::now()))
             {
-                Ok(line) => self.done |= (self.is_done)(&line),
+                Ok(line) => self.note(&line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) if self.done => {
                     // The guest finished but did not power off.

@@ -3,6 +3,8 @@
 //! code (`kvm-smoke`), the packed `blkvm` runs there, and L1's script
 //! helpers mark L2's console lines and report `blkvm run`'s exit code.
 
+use std::time::Duration;
+
 use anyhow::{ensure, Result};
 use tests::{md5_hex, yes_pattern, NestedVm};
 
@@ -72,7 +74,7 @@ fn l1_has_nested_kvm_that_runs_guest_code() -> Result<()> {
 /// a guest yet; then the real one is given a bad option.
 #[test]
 fn l2_console_is_marked_and_blkvm_exit_code_reported() -> Result<()> {
-    let out = NestedVm::new()
+    let mut vm = NestedVm::new()
         .l1_script(
             r#"
             mkdir -p /tmp/fake
@@ -87,7 +89,19 @@ fn l2_console_is_marked_and_blkvm_exit_code_reported() -> Result<()> {
             result after from=l1
             "#,
         )
-        .run()?;
+        .spawn()?;
+    let first = vm.wait_for("L2| ", Duration::from_secs(120))?;
+    let out = vm.wait()?;
+    out.check_success()?;
+
+    ensure!(
+        first == "L2| L2 says run a b",
+        out.error(&format!("the first L2 line is {first:?}"))
+    );
+    ensure!(
+        out.boot_time > Duration::ZERO,
+        out.error("L1's boot was not timed")
+    );
 
     let l2: Vec<&str> = out.l2_lines().collect();
     ensure!(
