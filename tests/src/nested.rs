@@ -106,6 +106,7 @@ impl NestedImage {
             &image.kernel,
             &image.l1_initramfs,
             &image.programs,
+            &image.qemu,
             &image.l2.initramfs,
         ] {
             if !path.is_file() {
