@@ -16,9 +16,10 @@ installed() {
 }
 
 # busybox-static, cpio and kmod build the real-Linux-guest initramfs
-# (resources/guest/).
+# (resources/guest/); binutils' strip and libc-bin's ldd pack programs for
+# the nested harness's L1 (resources/nested/).
 need=()
-for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev; do
+for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev binutils libc-bin; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

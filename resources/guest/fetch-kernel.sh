@@ -9,25 +9,34 @@
 #   resources/out/guest/modules/NAME.ko         the wanted modules and their
 #                                               dependencies, uncompressed
 #   resources/out/guest/modules/order           load order, one name a line
+#   resources/out/guest/l1-modules/             the same for the nested
+#                                               harness's L1 only: KVM
+#                                               (kvm-amd) and loop
 #
 # The wanted modules are $GUEST_MODULES (default: virtio-pci, virtio-mmio
-# and virtio-blk); their dependencies are found with `modinfo -F depends`
-# and put before them. Idempotent: does nothing when all of that is there.
-# FORCE=1 fetches again (e.g. after a kernel update).
+# and virtio-blk) and $L1_MODULES (default: kvm-amd, loop); their dependencies
+# are found with `modinfo -F depends` and put before them. One download
+# serves both sets, so the nested harness's L1 and L2 run the same kernel.
+# Idempotent: does nothing when all of that is there. FORCE=1 fetches
+# again (e.g. after a kernel update).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${GUEST_OUT:-$here/../out/guest}
 wanted=${GUEST_MODULES:-virtio_pci virtio_mmio virtio_blk}
+wanted_l1=${L1_MODULES:-kvm_amd loop}
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 have_all() {
-    [ -s "$out/vmlinuz" ] && [ -s "$out/modules/order" ] || return 1
+    [ -s "$out/vmlinuz" ] && [ -s "$out/modules/order" ] && [ -s "$out/l1-modules/order" ] || return 1
     local m
     for m in $wanted; do
         grep -qx "$m" "$out/modules/order" || return 1
+    done
+    for m in $wanted_l1; do
+        grep -qx "$m" "$out/l1-modules/order" || return 1
     done
 }
 if [ "${FORCE:-0}" != 1 ] && have_all; then
@@ -106,18 +115,31 @@ visit() {
     done
     order+=("$name")
 }
-for m in $wanted; do
-    visit "$m"
-done
+# collect DIR NAME...: the named modules and their dependencies into
+# $work/DIR with their load order.
+collect() {
+    local dir=$1 m
+    shift
+    order=()
+    for m in "$@"; do
+        visit "$m"
+    done
+    mkdir -p "$work/$dir"
+    for m in "${order[@]}"; do
+        mv "$work/mods/$m.ko" "$work/$dir/"
+    done
+    printf '%s\n' "${order[@]}" >"$work/$dir/order"
+    echo "fetch-kernel.sh: $dir: ${order[*]}"
+}
+# shellcheck disable=SC2086 # word lists
+collect modules $wanted
+# shellcheck disable=SC2086
+collect l1-modules $wanted_l1
 
-rm -rf "$out/modules" "$out/modules.new"
-mkdir -p "$out/modules.new"
-for m in "${order[@]}"; do
-    mv "$work/mods/$m.ko" "$out/modules.new/"
-done
-printf '%s\n' "${order[@]}" >"$out/modules.new/order"
+rm -rf "$out/modules" "$out/l1-modules"
 cp "$work/root/boot/vmlinuz-$release" "$out/vmlinuz.new"
 echo "$release" >"$out/kernel-release"
-mv "$out/modules.new" "$out/modules"
+mv "$work/modules" "$out/modules"
+mv "$work/l1-modules" "$out/l1-modules"
 mv "$out/vmlinuz.new" "$out/vmlinuz"
-echo "fetch-kernel.sh: $pkg ($release), modules: ${order[*]}"
+echo "fetch-kernel.sh: $pkg ($release)"

@@ -72,10 +72,17 @@ impl GuestImage {
     /// boundary first: the kernel skips zeros between archives, and an
     /// uncompressed archive must start 4-byte aligned.
     pub fn initrd_with_script(&self, script: &str, path: &Path) -> Result<()> {
+        let initrd = self.initrd_bytes_with_script(script)?;
+        fs::write(path, initrd).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The initrd of [`initrd_with_script`](Self::initrd_with_script), in
+    /// memory.
+    pub fn initrd_bytes_with_script(&self, script: &str) -> Result<Vec<u8>> {
         let mut initrd = fs::read(&self.initramfs)
             .with_context(|| format!("reading {}", self.initramfs.display()))?;
-        initrd.resize(initrd.len().next_multiple_of(512), 0);
+        cpio::pad_for_next_archive(&mut initrd);
         initrd.extend(cpio::archive(&[(SCRIPT_PATH, 0o755, script.as_bytes())]));
-        fs::write(path, initrd).with_context(|| format!("writing {}", path.display()))
+        Ok(initrd)
     }
 }

@@ -10,6 +10,11 @@
 //! (qemu-storage-daemon today, `blkvm storage-daemon` next) with the same
 //! QEMU-shaped options, so swapping the backend is one [`Backend`] value.
 //!
+//! The nested fixture, [`NestedVm`], proves `blkvm run` itself: QEMU TCG
+//! (`-cpu max`, which emulates AMD SVM) boots an L1 Debian kernel whose
+//! kvm-amd gives real nested KVM, and `blkvm run` boots the L2 guest
+//! inside it (`resources/nested/README.md`).
+//!
 //! ```no_run
 //! # use tests::*;
 //! # fn main() -> anyhow::Result<()> {
@@ -26,11 +31,13 @@
 mod cpio;
 mod daemon;
 mod guest;
+mod nested;
 mod output;
 mod vm;
 
 pub use daemon::{Backend, StorageDaemon, VhostUserBlkExport};
 pub use guest::GuestImage;
+pub use nested::{NestedImage, NestedOutput, NestedVm, RunningNestedVm, L2_PREFIX};
 pub use output::GuestOutput;
 pub use vm::{RunningVm, TestVm, VhostUserBlkDisk};
 

@@ -146,31 +146,7 @@ impl TestVm {
 
         let mut command = Command::new(qemu_binary());
         command.args(self.qemu_args(image, &initrd));
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting {command:?} (run resources/setup.sh?)"))?;
-
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let readers = vec![
-            spawn_reader(stdout, Arc::clone(&log), tx.clone()),
-            spawn_reader(stderr, Arc::clone(&log), tx),
-        ];
-        Ok(RunningVm {
-            child,
-            _dir: dir,
-            log,
-            lines,
-            readers,
-            deadline: Instant::now() + self.timeout,
-            done: false,
-        })
+        RunningVm::start(command, dir, self.timeout, is_done)
     }
 
     fn qemu_args(&self, image: &GuestImage, initrd: &std::path::Path) -> Vec<String> {
@@ -230,8 +206,13 @@ impl TestVm {
     }
 }
 
+/// Whether a console line is the guest's `BLKVM-DONE rc=N`.
+fn is_done(line: &str) -> bool {
+    line.contains("BLKVM-DONE ")
+}
+
 /// `$QEMU_SYSTEM_X86_64` or `qemu-system-x86_64` from `PATH`.
-fn qemu_binary() -> PathBuf {
+pub(crate) fn qemu_binary() -> PathBuf {
     std::env::var_os("QEMU_SYSTEM_X86_64")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
@@ -274,11 +255,77 @@ pub struct RunningVm {
     log: Arc<Mutex<String>>,
     lines: mpsc::Receiver<String>,
     readers: Vec<JoinHandle<()>>,
+    started: Instant,
     deadline: Instant,
     done: bool,
+    is_done: fn(&str) -> bool,
+    /// A line to time, and when (since the start) one first contained it.
+    timed: Option<(&'static str, Option<Duration>)>,
 }
 
 impl RunningVm {
+    /// Starts `command` (QEMU, its console on stdout) with `dir` kept
+    /// until it is gone. `is_done` tells the console line that says the
+    /// guest finished, after which QEMU has [`POWEROFF_GRACE`] to exit.
+    pub(crate) fn start(
+        mut command: Command,
+        dir: TempDir,
+        timeout: Duration,
+        is_done: fn(&str) -> bool,
+    ) -> Result<RunningVm> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {command:?} (run resources/setup.sh?)"))?;
+
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let readers = vec![
+            spawn_reader(stdout, Arc::clone(&log), tx.clone()),
+            spawn_reader(stderr, Arc::clone(&log), tx),
+        ];
+        let started = Instant::now();
+        Ok(RunningVm {
+            child,
+            _dir: dir,
+            log,
+            lines,
+            readers,
+            started,
+            deadline: started + timeout,
+            done: false,
+            is_done,
+            timed: None,
+        })
+    }
+
+    /// Notes when a console line first contains `needle`, for
+    /// [`line_time`](Self::line_time).
+    pub(crate) fn time_line(&mut self, needle: &'static str) {
+        self.timed = Some((needle, None));
+    }
+
+    /// When, since QEMU started, the line given to
+    /// [`time_line`](Self::time_line) was first read (by
+    /// [`wait_for`](Self::wait_for) or [`wait`](Self::wait)).
+    pub(crate) fn line_time(&self) -> Option<Duration> {
+        self.timed.and_then(|(_, at)| at)
+    }
+
+    fn note(&mut self, line: &str) {
+        self.done |= (self.is_done)(line);
+        if let Some((needle, at @ None)) = &mut self.timed {
+            if line.contains(*needle) {
+                *at = Some(self.started.elapsed());
+            }
+        }
+    }
+
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -298,7 +345,7 @@ impl RunningVm {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    self.done |= line.contains("BLKVM-DONE ");
+                    self.note(&line);
                     if line.contains(needle) {
                         return Ok(line);
                     }
@@ -329,7 +376,7 @@ impl RunningVm {
                 .lines
                 .recv_timeout(limit.saturating_duration_since(Instant::now()))
             {
-                Ok(line) => self.done |= line.contains("BLKVM-DONE "),
+                Ok(line) => self.note(&line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) if self.done => {
                     // The guest finished but did not power off.
