@@ -16,9 +16,10 @@ installed() {
 }
 
 # busybox-static, cpio and kmod build the real-Linux-guest initramfs
-# (resources/guest/).
+# (resources/guest/); acpica-tools (iasl) disassembles blkvm's ACPI tables
+# in the vmm tests.
 need=()
-for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev; do
+for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev acpica-tools; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
