@@ -2,6 +2,7 @@
 //! file parses arguments and prints errors with their whole cause chain.
 
 mod bench;
+mod run;
 mod signals;
 mod storage_daemon;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Measure a block node: IOPS, bandwidth and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Boot a guest in a KVM microVM with virtio-blk disks.
+    Run(run::RunArgs),
     /// Serve block nodes to other processes (vhost-user-blk), like
     /// qemu-storage-daemon.
     StorageDaemon(storage_daemon::StorageDaemonArgs),
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Run(args) => run::run(args),
         Command::StorageDaemon(args) => storage_daemon::run(args),
     };
     match result {
