@@ -29,7 +29,7 @@ mod guest;
 mod output;
 mod vm;
 
-pub use daemon::{Backend, StorageDaemon, VhostUserBlkExport};
+pub use daemon::{blkvm_binary, Backend, StorageDaemon, VhostUserBlkExport};
 pub use guest::GuestImage;
 pub use output::GuestOutput;
 pub use vm::{RunningVm, TestVm, VhostUserBlkDisk};

@@ -106,7 +106,7 @@ pub fn prepare_devices(
         };
         let node = graph
             .attach(&d.drive, &label)
-            .map_err(|e| anyhow::Error::new(e).context(format!("{label}")))?;
+            .map_err(|e| anyhow::Error::new(e).context(label.clone()))?;
         let config = blk_options(d, node.read_only()).map_err(|e| e.context(label.clone()))?;
         out.push(PreparedDevice {
             label,

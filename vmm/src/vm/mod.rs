@@ -138,7 +138,7 @@ impl Vm {
                 config.cpus
             )));
         }
-        if config.memory < (16 << 20) || config.memory % 4096 != 0 {
+        if config.memory < (16 << 20) || !config.memory.is_multiple_of(4096) {
             return Err(VmError::Config(format!(
                 "--memory must be a multiple of 4 KiB and at least 16 MiB, not {}",
                 config.memory

@@ -137,6 +137,24 @@ fn dispatch_write(bus: &RwLock<Bus>, addr: u64, data: &[u8]) {
         .write(addr, data);
 }
 
+/// The suberror of the last `KVM_EXIT_INTERNAL_ERROR`.
+fn internal_suberror(vcpu: &mut VcpuFd) -> u32 {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, for which KVM
+    // fills the `internal` member of the union.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+fn suberror_name(sub: u32) -> &'static str {
+    match sub {
+        1 => "instruction emulation failed",
+        2 => "exception while delivering an exception (a triple fault on some hosts)",
+        3 => "could not deliver an event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    }
+}
+
 /// Runs `vcpu` until the VM stops. Returns the reason when this vCPU ended
 /// the VM.
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmExitReason> {
@@ -154,7 +172,11 @@ fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmExitReason
                 return fail("halted with no in-kernel irqchip to wake it (KVM_EXIT_HLT)".into());
             }
             Ok(VcpuExit::InternalError) => {
-                return fail("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into());
+                let sub = internal_suberror(vcpu);
+                return fail(format!(
+                    "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub}: {})",
+                    suberror_name(sub)
+                ));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return fail(format!(

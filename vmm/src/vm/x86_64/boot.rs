@@ -239,6 +239,9 @@ struct ModlistEntry(hvm_modlist_entry);
 // SAFETY: a repr(C) struct of integers; any byte pattern is valid.
 unsafe impl ByteValued for ModlistEntry {}
 
+// Room for 32 memory map entries before the zero page.
+const _: () = assert!(PVH_MEMMAP_START + 24 * 32 <= ZERO_PAGE_START);
+
 /// `XEN_HVM_START_MAGIC_VALUE`.
 pub const PVH_START_MAGIC: u32 = 0x336e_c578;
 
@@ -357,8 +360,6 @@ mod tests {
         assert_eq!((md.0.paddr, md.0.size), (0xf0_0000, 0x2000));
         let third: MemmapEntry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap();
         assert_eq!((third.0.addr, third.0.type_), (HIMEM_START, 1));
-        // The memory map fits before the zero page.
-        assert!(PVH_MEMMAP_START + 24 * 8 <= ZERO_PAGE_START);
     }
 
     #[test]

@@ -58,11 +58,10 @@ pub fn fixup(entries: &[kvm_cpuid_entry2], apic_id: u8, cpus: u8) -> Vec<kvm_cpu
                     e.edx |= EDX_HTT;
                 }
             }
-            LEAF_CACHE => {
-                // Cores per package - 1 in eax[31:26]; one thread per cache.
-                if e.eax & 0x1f != 0 {
-                    e.eax = (e.eax & 0x0000_3fff) | ((n - 1).min(63) << 26);
-                }
+            // Cores per package - 1 in eax[31:26]; one thread per cache
+            // (a cache type of 0 ends the list).
+            LEAF_CACHE if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x0000_3fff) | ((n - 1).min(63) << 26);
             }
             f @ (LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2) => {
                 let i = usize::from(f == LEAF_TOPOLOGY_V2);
