@@ -229,3 +229,121 @@ impl DeviceManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use devices::bus::MsiMessage;
+    use kvm_ioctls::Kvm;
+
+    use super::*;
+
+    /// A VM with an in-kernel irqchip (needs /dev/kvm, as every vmm test
+    /// of KVM itself does).
+    fn manager() -> DeviceManager {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        DeviceManager::new(Arc::new(KvmVmHooks::new(vm).unwrap()))
+    }
+
+    struct Ones;
+    impl BusDevice for Ones {
+        fn read(&mut self, _: u64, d: &mut [u8]) {
+            d.fill(0x5a);
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn mmio_devices_get_distinct_windows_and_lines_in_the_hole() {
+        let mut dm = manager();
+        let a = dm.add_mmio_device(0x1000).unwrap();
+        let b = dm.add_mmio_device(0x200).unwrap();
+        assert_eq!(
+            a,
+            MmioSlot {
+                base: 0xc000_0000,
+                len: 0x1000,
+                gsi: 5
+            }
+        );
+        assert_eq!((b.base, b.gsi), (0xc000_1000, 6));
+        assert_eq!(dm.mmio_devices(), &[a, b]);
+        dm.insert_mmio_device(&a, Arc::new(Mutex::new(Ones)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        assert!(dm.mmio_bus().read().unwrap().read(a.base + 0x10, &mut buf));
+        assert_eq!(buf, [0x5a; 4]);
+    }
+
+    #[test]
+    fn device_lines_run_out_after_pin_23() {
+        let mut dm = manager();
+        let gsis: Vec<u32> = (0..19)
+            .map(|_| dm.add_mmio_device(0x1000).unwrap().gsi)
+            .collect();
+        assert_eq!(gsis, (5..24).collect::<Vec<_>>());
+        assert!(matches!(
+            dm.add_mmio_device(0x1000),
+            Err(DeviceManagerError::NoIrq(_))
+        ));
+        assert_eq!(dm.mmio_devices().len(), 19);
+        // The window of the refused device was given back.
+        let next = 0xc000_0000 + 19 * 0x1000;
+        let r = dm
+            .mmio_space
+            .allocate(0x1000, 0x1000, AllocPolicy::ExactMatch(next))
+            .unwrap();
+        assert_eq!(r.start(), next);
+    }
+
+    #[test]
+    fn legacy_devices_sit_on_their_ports() {
+        let mut dm = manager();
+        let (tx, rx) = channel();
+        dm.add_legacy_devices(Box::new(std::io::sink()), tx)
+            .unwrap();
+        let pio = dm.pio_bus().read().unwrap();
+        let mut b = [0u8];
+        // COM1's LSR says the transmitter is empty.
+        assert!(pio.read(0x3fd, &mut b));
+        assert_ne!(b[0] & 0x20, 0);
+        assert!(pio.write(0x64, &[0xfe]));
+        assert_eq!(rx.try_recv(), Ok(VmExitReason::Reset));
+        assert!(pio.write(0x600, &[0x34]));
+        assert_eq!(rx.try_recv(), Ok(VmExitReason::PowerOff));
+        // Nobody at 0xcf8 until a PCI host bridge is placed there.
+        assert!(!pio.read(0xcf8, &mut b));
+    }
+
+    #[test]
+    fn kvm_hooks_take_ioevents_irqfds_and_msi_routes() {
+        let dm = manager();
+        let hooks = dm.hooks();
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        hooks.register_ioevent(&fd, 0xc000_0050, None).unwrap();
+        hooks.register_ioevent(&fd, 0xd000_3000, Some(3)).unwrap();
+        // KVM refuses the same registration twice.
+        assert!(hooks.register_ioevent(&fd, 0xc000_0050, None).is_err());
+        hooks.unregister_ioevent(&fd, 0xc000_0050, None).unwrap();
+        hooks.unregister_ioevent(&fd, 0xd000_3000, Some(3)).unwrap();
+
+        let gsi = hooks.allocate_gsi().unwrap();
+        assert!(gsi >= 24);
+        let msg = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x4041,
+        };
+        hooks.set_msi_route(gsi, Some(msg)).unwrap();
+        hooks.register_irqfd(&fd, gsi).unwrap();
+        hooks.unregister_irqfd(&fd, gsi).unwrap();
+        hooks.set_msi_route(gsi, None).unwrap();
+        // A GSI nobody allocated is refused without touching KVM.
+        let e = hooks.set_msi_route(gsi + 100, Some(msg)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        // Legacy lines keep working for irqfds.
+        hooks.register_irqfd(&fd, 5).unwrap();
+    }
+}

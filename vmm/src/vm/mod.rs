@@ -314,3 +314,101 @@ impl RunningVm {
         reason
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// The tiny test guest (tests/guests/tiny.S), built with gcc.
+    fn tiny_kernel(dir: &std::path::Path) -> PathBuf {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/tiny.S");
+        let out = dir.join("tiny.elf");
+        let ok = Command::new("gcc")
+            .args(["-nostdlib", "-static", "-no-pie", "-DPOWEROFF"])
+            .args(["-Wl,--build-id=none", "-Wl,-Ttext=0x200000"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "gcc {}", src.display());
+        out
+    }
+
+    fn read_cstr(mem: &GuestMem, at: u64) -> String {
+        let mut v = Vec::new();
+        for i in 0.. {
+            let b: u8 = mem.read_obj(GuestAddress(at + i)).unwrap();
+            if b == 0 {
+                break;
+            }
+            v.push(b);
+        }
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn mmio_devices_reach_the_cmdline_and_the_dsdt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vm = Vm::new(VmConfig {
+            kernel: tiny_kernel(dir.path()),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            memory: 64 << 20,
+            cpus: 1,
+            serial: SerialOutput::File(dir.path().join("serial")),
+        })
+        .unwrap();
+        let slot = vm.devices().add_mmio_device(0x1000).unwrap();
+        let entry = vm.load_guest().unwrap();
+        assert_eq!(entry, EntryPoint::Linux64(0x20_0000));
+        let mem = vm.guest_memory();
+        assert_eq!(
+            read_cstr(&mem, layout::CMDLINE_START),
+            format!(
+                "console=ttyS0 virtio_mmio.device=4K@{:#x}:{}",
+                slot.base, slot.gsi
+            )
+        );
+        // RSDP -> XSDT -> FADT -> DSDT, as the guest walks them.
+        let rd = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        let xsdt = rd(layout::ACPI_START + 24);
+        let fadt = rd(xsdt + 36);
+        let dsdt = rd(fadt + 140);
+        let len = mem.read_obj::<u32>(GuestAddress(dsdt + 4)).unwrap() as usize;
+        let mut table = vec![0u8; len];
+        mem.read_slice(&mut table, GuestAddress(dsdt)).unwrap();
+        assert_eq!(&table[..4], b"DSDT");
+        let find = |needle: &[u8]| table.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"VR00"));
+        assert!(find(b"LNRO0005"));
+        assert!(find(&(slot.base as u32).to_le_bytes()));
+        // The zero page points at the RSDP.
+        assert_eq!(rd(layout::ZERO_PAGE_START + 0x70), layout::ACPI_START);
+    }
+
+    #[test]
+    fn bad_sizes_and_counts_are_refused_before_kvm() {
+        let cfg = |memory, cpus| VmConfig {
+            kernel: "/nonexistent".into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory,
+            cpus,
+            serial: SerialOutput::Stdout,
+        };
+        for (m, c) in [
+            (1 << 20, 1),
+            ((64 << 20) + 1, 1),
+            (64 << 20, 0),
+            (64 << 20, 255),
+        ] {
+            assert!(matches!(Vm::new(cfg(m, c)), Err(VmError::Config(_))));
+        }
+    }
+}
