@@ -11,6 +11,8 @@
  *   -DPOWEROFF      ACPI S5: SLP_TYP=5 | SLP_EN to the FADT's sleep
  *                   control register (port 0x600)
  *   -DRESET         i8042 CPU reset command (0xfe to port 0x64)
+ *   -DECHO          echoes one line read from COM1 (polling LSR), then
+ *                   powers off as -DPOWEROFF
  *   -DTRIPLE_FAULT  ud2 with the empty IDT blkvm loads at boot: #UD
  *                   cannot be delivered, nor #GP, nor #DF: shutdown
  *                   (not int3: PVM fails to emulate it)
@@ -31,7 +33,20 @@ _start:
 	lea	msg_zero_page(%rip), %rdi
 	call	puts
 1:
-#if defined(POWEROFF)
+#if defined(ECHO)
+9:	mov	$COM1 + 5, %dx
+8:	in	%dx, %al		/* LSR: data ready? */
+	test	$1, %al
+	jz	8b
+	mov	$COM1, %dx
+	in	%dx, %al		/* RBR */
+	out	%al, %dx		/* THR */
+	cmp	$'\n', %al
+	jne	9b
+	mov	$SLEEP_CONTROL, %dx
+	mov	$S5_SLP_EN, %al
+	out	%al, %dx
+#elif defined(POWEROFF)
 	mov	$SLEEP_CONTROL, %dx
 	mov	$S5_SLP_EN, %al
 	out	%al, %dx

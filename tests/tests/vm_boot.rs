@@ -41,13 +41,26 @@ fn tiny_guest(dir: &Path, variant: &str) -> Result<PathBuf> {
 
 /// Runs `blkvm run` with `args`, killing it after [`RUN_TIMEOUT`].
 fn blkvm_run(args: &[&str]) -> Result<Output> {
+    blkvm_run_with_input(args, None)
+}
+
+/// Runs `blkvm run` with `args` and `input` on its stdin (else /dev/null).
+fn blkvm_run_with_input(args: &[&str], input: Option<&[u8]>) -> Result<Output> {
     let mut child = Command::new(blkvm_binary()?)
         .arg("run")
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        stdin.write_all(data)?;
+    }
     let deadline = Instant::now() + RUN_TIMEOUT;
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
@@ -103,6 +116,28 @@ fn i8042_reset_ends_the_vm_with_exit_0() -> Result<()> {
         text(&out.stderr)
     );
     assert!(text(&out.stdout).contains("boot_params has HdrS"));
+    Ok(())
+}
+
+#[test]
+fn stdin_reaches_the_guest_through_com1() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let kernel = tiny_guest(dir.path(), "ECHO")?;
+    let out = blkvm_run_with_input(
+        &["--kernel", kernel.to_str().unwrap(), "--memory", "64M"],
+        Some(b"ping from stdin\n"),
+    )?;
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).ends_with("boot_params has HdrS\nping from stdin\n"),
+        "{}",
+        text(&out.stdout)
+    );
     Ok(())
 }
 

@@ -103,6 +103,7 @@ pub struct DeviceManager {
     mmio_space: AddressAllocator,
     device_irqs: IdAllocator,
     mmio_devices: Vec<MmioSlot>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
 }
 
 fn write_bus(bus: &RwLock<Bus>) -> std::sync::RwLockWriteGuard<'_, Bus> {
@@ -125,6 +126,7 @@ impl DeviceManager {
             device_irqs: IdAllocator::new(FIRST_DEVICE_GSI, IOAPIC_PINS - 1)
                 .expect("valid IRQ range"),
             mmio_devices: Vec::new(),
+            serial: None,
         }
     }
 
@@ -196,6 +198,11 @@ impl DeviceManager {
         PciLayout::default()
     }
 
+    /// COM1, once [`DeviceManager::add_legacy_devices`] placed it.
+    pub fn serial(&self) -> Option<&Arc<Mutex<SerialDevice>>> {
+        self.serial.as_ref()
+    }
+
     /// COM1 (output to `serial_out`, interrupt on GSI 4 by irqfd), the
     /// i8042 reset line and the ACPI sleep registers; the last two report
     /// on `exits`.
@@ -209,14 +216,15 @@ impl DeviceManager {
         self.hooks
             .register_irqfd(&irq, SERIAL_GSI)
             .map_err(|e| DeviceManagerError::Irq("serial", e))?;
-        let serial = SerialDevice::new(irq, serial_out);
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, serial_out)));
+        self.serial = Some(serial.clone());
         let i8042 = I8042(I8042Device::new(ExitTrigger::new(
             exits.clone(),
             VmExitReason::Reset,
         )));
         let sleep = AcpiSleep::new(ExitTrigger::new(exits, VmExitReason::PowerOff));
         let mut pio = write_bus(&self.pio_bus);
-        pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, Arc::new(Mutex::new(serial)))
+        pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, serial)
             .map_err(DeviceManagerError::Bus)?;
         pio.insert(I8042_PORT, I8042_PORT_LEN, Arc::new(Mutex::new(i8042)))
             .map_err(DeviceManagerError::Bus)?;

@@ -3,8 +3,11 @@
 //! the ACPI sleep control register of a hardware-reduced platform, whose S5
 //! write is how Linux powers off.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use devices::bus::BusDevice;
 use vm_superio::{I8042Device, Serial, Trigger};
@@ -82,6 +85,46 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice(Serial::new(IrqTrigger(irq), out))
     }
+}
+
+impl SerialDevice {
+    /// Queues guest input; returns how many bytes fit in the FIFO.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        self.0.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+/// Forwards `input` (blkvm's stdin) to the UART's receive FIFO on its own
+/// thread, waiting while the guest has not drained the FIFO. The thread
+/// ends at end of input.
+pub fn forward_input<R: Read + Send + 'static>(
+    mut input: R,
+    serial: Arc<Mutex<SerialDevice>>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("serial-input".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                let mut off = 0;
+                while off < n {
+                    let wrote = serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue(&buf[off..n]);
+                    off += wrote;
+                    if wrote == 0 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
 }
 
 impl BusDevice for SerialDevice {
@@ -184,6 +227,37 @@ mod tests {
         let mut lsr = [0u8];
         s.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+    }
+
+    #[test]
+    fn input_reaches_the_receive_fifo_past_its_capacity() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq.try_clone().unwrap(),
+            Box::new(io::sink()),
+        )));
+        // IER: received data available interrupt.
+        serial.lock().unwrap().write(1, &[0x01]);
+        let input: Vec<u8> = (0..200u8).collect();
+        let t = forward_input(io::Cursor::new(input.clone()), serial.clone()).unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < input.len() && std::time::Instant::now() < deadline {
+            let mut s = serial.lock().unwrap();
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 != 0 {
+                let mut b = [0u8];
+                s.read(0, &mut b);
+                got.push(b[0]);
+            } else {
+                drop(s);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(got, input);
+        assert!(irq.read().unwrap() >= 1);
     }
 
     #[test]

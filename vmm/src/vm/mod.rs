@@ -101,6 +101,9 @@ pub enum VmError {
     /// The vCPU kick signal.
     #[error("could not install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// The serial input thread.
+    #[error("could not start the serial input thread")]
+    Input(#[source] std::io::Error),
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
@@ -170,6 +173,11 @@ impl Vm {
         let mut devices = DeviceManager::new(hooks);
         let (exits_tx, exits_rx) = channel();
         devices.add_legacy_devices(serial_output(&config.serial)?, exits_tx.clone())?;
+        if config.serial == SerialOutput::Stdout {
+            if let Some(serial) = devices.serial() {
+                legacy::forward_input(std::io::stdin(), serial.clone()).map_err(VmError::Input)?;
+            }
+        }
         Ok(Vm {
             config,
             kvm,
