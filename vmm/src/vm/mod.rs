@@ -290,7 +290,7 @@ impl Vm {
             threads.push(VcpuThread::spawn(id as u8, fd, ctx.clone())?);
         }
         Ok(RunningVm {
-            _vm: self,
+            vm: self,
             threads,
             stop: ctx.stop,
         })
@@ -300,7 +300,7 @@ impl Vm {
 /// A VM whose vCPUs run.
 pub struct RunningVm {
     // Keeps RAM, the VM fd and the devices alive while vCPUs run.
-    _vm: Vm,
+    vm: Vm,
     threads: Vec<VcpuThread>,
     stop: Arc<AtomicBool>,
 }
@@ -309,7 +309,7 @@ impl RunningVm {
     /// Waits for the first reason to stop, then stops every vCPU.
     pub fn wait(self) -> VmExitReason {
         let reason = self
-            ._vm
+            .vm
             .exits_rx
             .recv()
             .unwrap_or_else(|_| VmExitReason::Failed("every vCPU thread ended".into()));
