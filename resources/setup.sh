@@ -17,9 +17,11 @@ installed() {
 
 # busybox-static, cpio and kmod build the real-Linux-guest initramfs
 # (resources/guest/); binutils' strip and libc-bin's ldd pack programs for
-# the nested harness's L1 (resources/nested/).
+# the nested harness's L1 (resources/nested/); acpica-tools (iasl)
+# disassembles blkvm's ACPI tables in the vmm tests; python3-venv holds the
+# qemu.qmp client of the QMP tests.
 need=()
-for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev binutils libc-bin; do
+for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev binutils libc-bin acpica-tools python3-venv; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -13,13 +13,15 @@
 //! the two forms cannot drift apart.
 //!
 //! The entry points: [`parse_blockdev`], [`blockdev_from_json`],
-//! [`parse_keyval_as`], [`parse_option_as`] and [`object::parse_object`].
+//! [`parse_keyval_as`], [`parse_option_as`], [`object::parse_object`] and
+//! [`device::parse_device`].
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod block;
 pub mod de;
+pub mod device;
 mod error;
 pub mod export;
 pub mod keyval;

@@ -54,7 +54,7 @@ impl Backend {
 /// for their own package's integration tests), so the first call in a
 /// process runs `cargo build -p vmm --bin blkvm`: a no-op when it is
 /// fresh.
-pub(crate) fn blkvm_binary() -> Result<PathBuf> {
+pub fn blkvm_binary() -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     if let Some(path) = std::env::var_os("BLKVM_BIN") {
         return Ok(PathBuf::from(path));

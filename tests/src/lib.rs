@@ -35,7 +35,7 @@ mod nested;
 mod output;
 mod vm;
 
-pub use daemon::{Backend, StorageDaemon, VhostUserBlkExport};
+pub use daemon::{blkvm_binary, Backend, StorageDaemon, VhostUserBlkExport};
 pub use guest::GuestImage;
 pub use nested::{NestedImage, NestedOutput, NestedVm, RunningNestedVm, L2_PREFIX};
 pub use output::GuestOutput;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod qmp;
+mod run;
 mod signals;
 mod storage_daemon;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Measure a block node: IOPS, bandwidth and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Boot a guest in a KVM microVM with virtio-blk disks.
+    Run(run::RunArgs),
     /// Serve block nodes to other processes (vhost-user-blk), like
     /// qemu-storage-daemon.
     StorageDaemon(storage_daemon::StorageDaemonArgs),
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Run(args) => run::run(args),
         Command::StorageDaemon(args) => storage_daemon::run(args),
     };
     match result {

@@ -1,0 +1,156 @@
+//! `--device` options for `blkvm run`, shaped like QEMU's `-device`
+//! properties of the virtio-blk devices: `driver` is the implied key
+//! (`--device virtio-blk-pci,drive=d0`), and the property names are QEMU's,
+//! including its two underscored ones (`logical_block_size`,
+//! `physical_block_size`, from `DEFINE_BLOCK_PROPERTIES`).
+//!
+//! This is the syntax only. Ranges that depend on the device (a queue size
+//! that is a power of two, a block size the guest can use) are checked where
+//! the options become a device's configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::Size;
+
+/// Device models `blkvm run` can create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceDriver {
+    /// virtio-blk behind a virtio-pci (modern) transport, MSI-X interrupts.
+    VirtioBlkPci,
+    /// virtio-blk behind a virtio-mmio transport, one interrupt line (QEMU
+    /// microvm's name for it).
+    VirtioBlkDevice,
+}
+
+impl DeviceDriver {
+    /// The driver name as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::VirtioBlkPci => "virtio-blk-pci",
+            Self::VirtioBlkDevice => "virtio-blk-device",
+        }
+    }
+}
+
+/// One `--device` argument.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DeviceOptions {
+    /// The device model.
+    pub driver: DeviceDriver,
+    /// The device's id (defaults to one derived from its position).
+    pub id: Option<String>,
+    /// The block node the device serves (a `node-name`).
+    pub drive: String,
+    /// The IOThread that runs the device's queues (an `--object iothread` id).
+    pub iothread: Option<String>,
+    /// Number of virtqueues.
+    pub num_queues: Option<u16>,
+    /// Size of each virtqueue.
+    pub queue_size: Option<u16>,
+    /// Serial number the guest reads with GET_ID.
+    pub serial: Option<String>,
+    /// Logical block size the guest sees.
+    #[serde(rename = "logical_block_size")]
+    pub logical_block_size: Option<Size>,
+    /// Physical block size the guest sees.
+    #[serde(rename = "physical_block_size")]
+    pub physical_block_size: Option<Size>,
+    /// Offer DISCARD.
+    pub discard: Option<bool>,
+    /// Offer WRITE_ZEROES.
+    pub write_zeroes: Option<bool>,
+    /// Offer CONFIG_WCE (the guest may switch the write cache).
+    pub config_wce: Option<bool>,
+}
+
+/// Parses a `--device` argument: JSON if it starts with `{`, else keyval
+/// with `driver` implied.
+pub fn parse_device(arg: &str) -> Result<DeviceOptions, crate::QapiError> {
+    crate::parse_option_as(arg, Some("driver"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implied_driver_and_every_property_parse() {
+        let d = parse_device(
+            "virtio-blk-pci,id=disk0,drive=d0,iothread=io0,num-queues=2,queue-size=128,\
+             serial=abc,logical_block_size=4k,physical_block_size=4096,discard=off,\
+             write-zeroes=on,config-wce=off",
+        )
+        .unwrap();
+        assert_eq!(d.driver, DeviceDriver::VirtioBlkPci);
+        assert_eq!(d.id.as_deref(), Some("disk0"));
+        assert_eq!(d.drive, "d0");
+        assert_eq!(d.iothread.as_deref(), Some("io0"));
+        assert_eq!(d.num_queues, Some(2));
+        assert_eq!(d.queue_size, Some(128));
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.logical_block_size, Some(Size(4096)));
+        assert_eq!(d.physical_block_size, Some(Size(4096)));
+        assert_eq!(d.discard, Some(false));
+        assert_eq!(d.write_zeroes, Some(true));
+        assert_eq!(d.config_wce, Some(false));
+    }
+
+    #[test]
+    fn mmio_driver_with_only_a_drive() {
+        let d = parse_device("virtio-blk-device,drive=d1").unwrap();
+        assert_eq!(d.driver, DeviceDriver::VirtioBlkDevice);
+        assert_eq!(d.driver.name(), "virtio-blk-device");
+        assert_eq!(d.num_queues, None);
+        assert_eq!(d.iothread, None);
+    }
+
+    #[test]
+    fn keyval_and_json_forms_agree() {
+        let k = parse_device("driver=virtio-blk-pci,drive=d0,num-queues=4").unwrap();
+        let j = parse_device(r#"{"driver": "virtio-blk-pci", "drive": "d0", "num-queues": 4}"#)
+            .unwrap();
+        assert_eq!(k, j);
+    }
+
+    #[test]
+    fn errors_name_the_key_in_qemu_words() {
+        let e = parse_device("virtio-net-pci,drive=d0").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Parameter 'driver' does not accept value 'virtio-net-pci'"
+        );
+        let e = parse_device("virtio-blk-pci").unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'drive' is missing");
+        let e = parse_device("virtio-blk-pci,drive=d0,bogus=1").unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter 'bogus'");
+        let e = parse_device("virtio-blk-pci,drive=d0,num-queues=many").unwrap_err();
+        assert!(
+            e.to_string().starts_with("Parameter 'num-queues' expects"),
+            "{e}"
+        );
+        let e = parse_device("virtio-blk-pci,drive=d0,discard=maybe").unwrap_err();
+        assert!(
+            e.to_string().starts_with("Parameter 'discard' expects"),
+            "{e}"
+        );
+        let e = parse_device("virtio-blk-pci,drive=d0,logical_block_size=4q").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Parameter 'logical_block_size' expects"),
+            "{e}"
+        );
+        let e = parse_device("virtio-blk-pci,drive=d0,queue-size=70000").unwrap_err();
+        assert!(
+            e.to_string().starts_with("Parameter 'queue-size' expects"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hyphenated_block_size_is_not_qemus_name() {
+        let e = parse_device("virtio-blk-pci,drive=d0,logical-block-size=4096").unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter 'logical-block-size'");
+    }
+}

@@ -1,0 +1,5 @@
+//! x86_64 specifics: CPUID, the boot vCPU state, and loading the guest.
+
+pub mod boot;
+pub mod cpuid;
+pub mod regs;
