@@ -3,5 +3,7 @@
 //! ([`vhost_user_blk`]).
 
 pub mod bus;
+pub mod iothread;
 pub mod vhost_user_blk;
+pub mod virtio;
 pub mod virtio_blk;
