@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod iothread;
+pub mod pci;
 pub mod vhost_user_blk;
 pub mod virtio;
 pub mod virtio_blk;

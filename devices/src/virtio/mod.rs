@@ -10,6 +10,7 @@
 //! reads it.
 
 pub mod mmio;
+pub mod pci;
 
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
