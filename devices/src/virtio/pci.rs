@@ -275,7 +275,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 let field = match o & !7 {
                     cc::Q_DESC => q.desc,
                     cc::Q_AVAIL => q.avail,
-                    _ => q.used,
+                    cc::Q_USED => q.used,
+                    _ => return,
                 };
                 if o % 8 == 4 {
                     field >> 32
@@ -335,7 +336,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 let field = match o & !7 {
                     cc::Q_DESC => &mut q.desc,
                     cc::Q_AVAIL => &mut q.avail,
-                    _ => &mut q.used,
+                    cc::Q_USED => &mut q.used,
+                    _ => return,
                 };
                 if data.len() == 8 {
                     *field = v;
