@@ -501,3 +501,5 @@ impl BusDevice for PciConfigIo {
     }
 }
 
+#[cfg(test)]
+mod tests;

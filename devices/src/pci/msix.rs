@@ -261,10 +261,18 @@ impl Msix {
         let e = &mut self.table[i];
         match (data.len(), field) {
             (4, f) if f % 4 == 0 => {
-                set(e, f / 4, u32::from_le_bytes(data.try_into().unwrap_or_default()));
+                set(
+                    e,
+                    f / 4,
+                    u32::from_le_bytes(data.try_into().unwrap_or_default()),
+                );
             }
             (8, f) if f % 8 == 0 => {
-                set(e, f / 4, u32::from_le_bytes(data[..4].try_into().unwrap_or_default()));
+                set(
+                    e,
+                    f / 4,
+                    u32::from_le_bytes(data[..4].try_into().unwrap_or_default()),
+                );
                 set(
                     e,
                     f / 4 + 1,

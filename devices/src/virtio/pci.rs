@@ -267,7 +267,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 .interrupt
                 .queue_vectors
                 .get(qi)
-                .map_or(u64::from(NO_VECTOR), |v| u64::from(v.load(Ordering::SeqCst))),
+                .map_or(u64::from(NO_VECTOR), |v| {
+                    u64::from(v.load(Ordering::SeqCst))
+                }),
             (cc::Q_ENABLE, 2) => q.map_or(0, |q| u64::from(q.ready)),
             (cc::Q_NOFF, 2) => q.map_or(0, |_| qi as u64),
             (o @ cc::Q_DESC..cc::END, 4 | 8) if o % data.len() as u64 == 0 => {
@@ -301,7 +303,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             (cc::GFSELECT, 4) => c.driver_feature_select = v as u32,
             (cc::GF, 4) => c.write_driver_features(v as u32),
             (cc::MSIX, 2) => {
-                let vec = if (v as u16) < nvec { v as u16 } else { NO_VECTOR };
+                let vec = if (v as u16) < nvec {
+                    v as u16
+                } else {
+                    NO_VECTOR
+                };
                 self.interrupt.config_vector.store(vec, Ordering::SeqCst);
             }
             (cc::STATUS, 1) => {
@@ -322,7 +328,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             (cc::Q_MSIX, 2) => {
                 let qi = usize::from(c.queue_select);
                 if c.selected_for_write().is_some() {
-                    let vec = if (v as u16) < nvec { v as u16 } else { NO_VECTOR };
+                    let vec = if (v as u16) < nvec {
+                        v as u16
+                    } else {
+                        NO_VECTOR
+                    };
                     if let Some(slot) = self.interrupt.queue_vectors.get(qi) {
                         slot.store(vec, Ordering::SeqCst);
                     }
@@ -436,7 +446,12 @@ fn build_config(device_type: u32, msix: &Msix, bar_base: u64) -> (ConfigSpace, C
     let mut at = next;
     for body in [
         vcap(cap::COMMON, COMMON, cc::END, &[]),
-        vcap(cap::NOTIFY, NOTIFY, REGION, &NOTIFY_MULTIPLIER.to_le_bytes()),
+        vcap(
+            cap::NOTIFY,
+            NOTIFY,
+            REGION,
+            &NOTIFY_MULTIPLIER.to_le_bytes(),
+        ),
         vcap(cap::ISR, ISR, 1, &[]),
         vcap(cap::DEVICE, DEVICE, REGION, &[]),
     ] {
@@ -534,3 +549,5 @@ impl<D: VirtioDevice> Drop for VirtioPciDevice<D> {
     }
 }
 
+#[cfg(test)]
+mod tests;

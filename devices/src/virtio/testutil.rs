@@ -14,7 +14,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{MsiMessage, VmHooks};
@@ -161,14 +161,44 @@ impl BlkRig {
     }
 }
 
-/// A queue as a driver lays it out, at `RING + 0x1000 * q`.
-pub fn ring(mem: &GuestMem, q: u16) -> MockSplitQueue<'_, GuestMem> {
-    MockSplitQueue::create(mem, GuestAddress(RING + 0x1000 * u64::from(q)), QSIZE)
+/// A queue as a driver lays it out in the page at `RING + 0x1000 * q`:
+/// descriptors and avail ring from `MockSplitQueue`, the used ring at
+/// +0x800 (the mock's own used ring overlaps the avail ring's
+/// `used_event`, which EVENT_IDX needs).
+pub struct TestRing<'a> {
+    pub mq: MockSplitQueue<'a, GuestMem>,
+    pub used: u64,
 }
 
-/// Puts a read of `len` bytes at `sector` on `mq` as chain number `n`
+impl TestRing<'_> {
+    pub fn desc(&self) -> u64 {
+        self.mq.desc_table_addr().0
+    }
+
+    pub fn avail(&self) -> u64 {
+        self.mq.avail_addr().0
+    }
+
+    /// The driver's `used_event` (EVENT_IDX).
+    pub fn set_used_event(&self, mem: &GuestMem, v: u16) {
+        let at = self.avail() + 4 + 2 * u64::from(QSIZE);
+        mem.write_obj(v.to_le(), GuestAddress(at)).unwrap();
+    }
+}
+
+/// Lays out (and zeroes) queue `q`'s rings.
+pub fn ring(mem: &GuestMem, q: u16) -> TestRing<'_> {
+    let page = RING + 0x1000 * u64::from(q);
+    mem.write_slice(&[0u8; 0x1000], GuestAddress(page)).unwrap();
+    TestRing {
+        mq: MockSplitQueue::create(mem, GuestAddress(page), QSIZE),
+        used: page + 0x800,
+    }
+}
+
+/// Puts a read of `len` bytes at `sector` on `r` as chain number `n`
 /// (descriptors 3n..3n+2); data lands at `DATA + n * 0x1000`.
-pub fn push_read(mem: &GuestMem, mq: &MockSplitQueue<'_, GuestMem>, n: u16, sector: u64, len: u32) {
+pub fn push_read(mem: &GuestMem, r: &TestRing<'_>, n: u16, sector: u64, len: u32) {
     let hdr = HDR + u64::from(n) * 16;
     mem.write_obj(VIRTIO_BLK_T_IN.to_le(), GuestAddress(hdr))
         .unwrap();
@@ -190,12 +220,17 @@ pub fn push_read(mem: &GuestMem, mq: &MockSplitQueue<'_, GuestMem>, n: u16, sect
         )),
         RawDescriptor::from(Descriptor::new(STATUS + u64::from(n), 1, w, 0)),
     ];
-    mq.add_desc_chains(&descs, d).unwrap();
+    r.mq.add_desc_chains(&descs, d).unwrap();
 }
 
 /// The used ring's index.
-pub fn used_idx(mem: &GuestMem, mq: &MockSplitQueue<'_, GuestMem>) -> u16 {
-    mem.read_obj::<u16>(mq.used_addr().unchecked_add(2))
+pub fn used_idx(mem: &GuestMem, r: &TestRing<'_>) -> u16 {
+    mem.read_obj::<u16>(GuestAddress(r.used + 2)).unwrap()
+}
+
+/// Length of used element `i`.
+pub fn used_len(mem: &GuestMem, r: &TestRing<'_>, i: u64) -> u32 {
+    mem.read_obj::<u32>(GuestAddress(r.used + 4 + 8 * i + 4))
         .unwrap()
 }
 

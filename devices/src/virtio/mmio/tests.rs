@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::iothread::{IoThread, IoThreadConfig};
@@ -63,23 +63,17 @@ fn setup(t: &mut MmioTransport<VirtioBlk>, mem: &GuestMem, queues: &[u16]) {
         assert_eq!(rd(t, reg::QUEUE_READY), 0);
         assert_eq!(rd(t, reg::QUEUE_NUM_MAX), u32::from(QSIZE));
         wr(t, reg::QUEUE_NUM, u32::from(QSIZE));
-        wr(t, reg::QUEUE_DESC_LOW, mq.desc_table_addr().0 as u32);
+        wr(t, reg::QUEUE_DESC_LOW, mq.desc() as u32);
         wr(t, reg::QUEUE_DESC_HIGH, 0);
-        wr(t, reg::QUEUE_DRIVER_LOW, mq.avail_addr().0 as u32);
+        wr(t, reg::QUEUE_DRIVER_LOW, mq.avail() as u32);
         wr(t, reg::QUEUE_DRIVER_HIGH, 0);
-        wr(t, reg::QUEUE_DEVICE_LOW, mq.used_addr().0 as u32);
+        wr(t, reg::QUEUE_DEVICE_LOW, mq.used as u32);
         wr(t, reg::QUEUE_DEVICE_HIGH, 0);
         wr(t, reg::QUEUE_READY, 1);
         assert_eq!(rd(t, reg::QUEUE_READY), 1);
     }
     wr(t, reg::STATUS, u32::from(s | status::DRIVER_OK));
     assert_eq!(rd(t, reg::STATUS) as u8, s | status::DRIVER_OK);
-}
-
-/// Zeroes the rings of queue `q` (a driver allocating fresh ones).
-fn clear_ring(mem: &GuestMem, q: u16) {
-    let at = RING + 0x1000 * u64::from(q);
-    mem.write_slice(&[0u8; 0x1000], GuestAddress(at)).unwrap();
 }
 
 #[test]
@@ -248,10 +242,7 @@ fn read_request_runs_on_an_iothread_and_raises_the_interrupt() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     let d = read_data(&mem, 0, 1024);
     assert!(d[..512].iter().all(|&b| b == 3) && d[512..].iter().all(|&b| b == 4));
-    let used_len = mem
-        .read_obj::<u32>(mq.used_addr().unchecked_add(8))
-        .unwrap();
-    assert_eq!(used_len, 1025);
+    assert_eq!(used_len(&mem, &mq, 0), 1025);
     assert_eq!(rd(&mut f.t, reg::INTERRUPT_STATUS), INT_VRING);
     wr(&mut f.t, reg::INTERRUPT_ACK, INT_VRING);
     assert_eq!(rd(&mut f.t, reg::INTERRUPT_STATUS), 0);
@@ -260,7 +251,6 @@ fn read_request_runs_on_an_iothread_and_raises_the_interrupt() {
     wr(&mut f.t, reg::STATUS, 0);
     assert_eq!(rd(&mut f.t, reg::STATUS), 0);
     assert_eq!(f.t.device().active_queues(), 0);
-    clear_ring(&mem, 0);
     setup(&mut f.t, &mem, &[0]);
     let mq = ring(&mem, 0);
     push_read(&mem, &mq, 0, 7, 512);
@@ -290,13 +280,14 @@ fn two_queues_on_two_iothreads_each_have_their_own_doorbell() {
     let mem = f.rig.mem.clone();
     let irq = f.hooks.irqfd(GSI).unwrap();
     setup(&mut f.t, &mem, &[0, 1]);
+    let mq0 = ring(&mem, 0);
     let mq1 = ring(&mem, 1);
     push_read(&mem, &mq1, 1, 9, 512);
     // Datamatch 0 does not kick queue 1.
     assert!(f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 1));
     wait_signalled(&irq);
     assert_eq!(used_idx(&mem, &mq1), 1);
-    assert_eq!(used_idx(&mem, &ring(&mem, 0)), 0);
+    assert_eq!(used_idx(&mem, &mq0), 0);
     assert!(read_data(&mem, 1, 512).iter().all(|&b| b == 9));
 }
 
@@ -308,7 +299,7 @@ fn a_broken_queue_sets_needs_reset_and_raises_the_config_interrupt() {
     setup(&mut f.t, &mem, &[0]);
     let mq = ring(&mem, 0);
     // The avail index runs more than a queue ahead.
-    mq.avail().idx().store(u16::to_le(QSIZE + 3));
+    mq.mq.avail().idx().store(u16::to_le(QSIZE + 3));
     f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 0);
     wait_signalled(&irq);
     assert_ne!(rd(&mut f.t, reg::STATUS) as u8 & status::NEEDS_RESET, 0);
@@ -316,7 +307,6 @@ fn a_broken_queue_sets_needs_reset_and_raises_the_config_interrupt() {
     // The driver's reset recovers the device.
     wr(&mut f.t, reg::STATUS, 0);
     assert_eq!(rd(&mut f.t, reg::STATUS), 0);
-    clear_ring(&mem, 0);
     setup(&mut f.t, &mem, &[0]);
     let mq = ring(&mem, 0);
     push_read(&mem, &mq, 0, 1, 512);
