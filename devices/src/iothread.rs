@@ -330,3 +330,6 @@ impl Loop {
         self.stats.poll_ns.store(self.poll_ns, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests;

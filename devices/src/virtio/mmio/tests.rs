@@ -359,3 +359,41 @@ fn dropping_the_transport_unregisters_its_eventfds() {
     assert!(hooks.ioevents.lock().unwrap().is_empty());
     assert!(hooks.irqfds.lock().unwrap().is_empty());
 }
+
+#[test]
+fn a_polling_iothread_serves_requests_without_a_doorbell() {
+    let io = IoThread::new(
+        "io0",
+        IoThreadConfig {
+            poll_max_ns: 200_000_000,
+            poll_grow: 1000,
+            poll_shrink: 0,
+        },
+    )
+    .unwrap();
+    let mut f = fixture(BlkOptions::default(), vec![io.clone()]);
+    let mem = f.rig.mem.clone();
+    let irq = f.hooks.irqfd(GSI).unwrap();
+    setup(&mut f.t, &mem, &[0]);
+    let mq = ring(&mem, 0);
+    // Kicked requests until the poll time has grown.
+    let mut n = 0u16;
+    while io.poll_ns() < 1_000_000 {
+        assert!(n < QSIZE / 3 - 1, "poll time did not grow");
+        mq.set_used_event(&mem, n);
+        push_read(&mem, &mq, n, u64::from(n), 512);
+        f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 0);
+        n += 1;
+        wait_for("used entry", || used_idx(&mem, &mq) == n);
+        wait_signalled(&irq);
+    }
+    // No doorbell: only the poll hook can see this one.
+    let hits = io.poll_hits();
+    mq.set_used_event(&mem, n);
+    push_read(&mem, &mq, n, 42, 512);
+    wait_for("polled request", || used_idx(&mem, &mq) == n + 1);
+    assert!(io.poll_hits() > hits);
+    assert!(read_data(&mem, n, 512).iter().all(|&b| b == 42));
+    wait_signalled(&irq);
+    io.stop();
+}
