@@ -397,3 +397,55 @@ fn a_polling_iothread_serves_requests_without_a_doorbell() {
     wait_signalled(&irq);
     io.stop();
 }
+
+#[test]
+fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
+    let mut f = fixture(BlkOptions::default(), vec![]);
+    let mem = f.rig.mem.clone();
+    let irq = f.hooks.irqfd(GSI).unwrap();
+    setup(&mut f.t, &mem, &[0]);
+    let mq = ring(&mem, 0);
+    // The driver wants an interrupt only after the third used entry.
+    mq.set_used_event(&mem, 2);
+    push_read(&mem, &mq, 0, 0, 512);
+    f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 0);
+    wait_for("first used entry", || used_idx(&mem, &mq) == 1);
+    push_read(&mem, &mq, 1, 1, 512);
+    f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 0);
+    wait_for("second used entry", || used_idx(&mem, &mq) == 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(irq.read().is_err(), "interrupt before used_event");
+    push_read(&mem, &mq, 2, 2, 512);
+    f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 0);
+    wait_signalled(&irq);
+    assert_eq!(used_idx(&mem, &mq), 3);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Arbitrary register traffic (any offset, width, value) never panics
+    /// and leaves the identification registers intact.
+    #[test]
+    fn arbitrary_register_traffic_is_harmless(
+        ops in proptest::collection::vec(
+            (0u64..0x200, proptest::sample::select(vec![1usize, 2, 3, 4, 8]), proptest::prelude::any::<u64>(), proptest::prelude::any::<bool>()),
+            1..200),
+    ) {
+        let mut f = fixture(BlkOptions::default(), vec![]);
+        for (off, len, v, is_write) in ops {
+            // Bias towards the registers that matter.
+            let off = if off < 0x100 { (off & !3) | ((off & 1) * (v & 3)) } else { off };
+            if is_write {
+                f.t.write(off, &v.to_le_bytes()[..len]);
+            } else {
+                let mut b = [0u8; 8];
+                f.t.read(off, &mut b[..len]);
+            }
+        }
+        proptest::prop_assert_eq!(rd(&mut f.t, reg::MAGIC), 0x7472_6976);
+        proptest::prop_assert_eq!(rd(&mut f.t, reg::VERSION), 2);
+        wr(&mut f.t, reg::STATUS, 0);
+        proptest::prop_assert_eq!(rd(&mut f.t, reg::STATUS), 0);
+        proptest::prop_assert_eq!(f.t.device().active_queues(), 0);
+    }
+}

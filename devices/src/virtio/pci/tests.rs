@@ -481,3 +481,41 @@ fn dropping_the_device_unregisters_doorbells_and_irqfds() {
     assert!(hooks.ioevents.lock().unwrap().is_empty());
     assert!(hooks.irqfds.lock().unwrap().is_empty());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Arbitrary configuration-space and BAR traffic never panics; the ids
+    /// stay, and a reset always brings the device back.
+    #[test]
+    fn arbitrary_config_and_bar_traffic_is_harmless(
+        ops in proptest::collection::vec(
+            (proptest::prelude::any::<bool>(), 0u64..0x8000, proptest::sample::select(vec![1usize, 2, 4, 8]), proptest::prelude::any::<u64>(), proptest::prelude::any::<bool>()),
+            1..200),
+    ) {
+        let g = Guest::new(BlkOptions::default(), vec![]);
+        let mut dev = g.dev.lock().unwrap();
+        for (cfg, off, len, v, is_write) in ops {
+            let bytes = v.to_le_bytes();
+            if cfg {
+                let off = (off % 0x1000) as usize;
+                if is_write {
+                    let _ = dev.config_write(off, &bytes[..len]);
+                } else {
+                    let mut b = [0u8; 8];
+                    dev.config_read(off, &mut b[..len]);
+                }
+            } else if is_write {
+                dev.write(off, &bytes[..len]);
+            } else {
+                let mut b = [0u8; 8];
+                dev.read(off, &mut b[..len]);
+            }
+        }
+        let mut id = [0u8; 4];
+        dev.config_read(0, &mut id);
+        proptest::prop_assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+        dev.write(super::cc::STATUS, &[0]);
+        proptest::prop_assert_eq!(dev.status(), 0);
+        proptest::prop_assert_eq!(dev.device().active_queues(), 0);
+    }
+}
