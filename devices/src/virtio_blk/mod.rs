@@ -4,6 +4,7 @@
 //! handler ([`handler`]).
 
 pub mod config;
+pub mod device;
 pub mod handler;
 pub mod request;
 
@@ -11,6 +12,7 @@ pub mod request;
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 
 pub use config::BlkOptions;
+pub use device::{VirtioBlk, VirtioBlkConfig, VirtioBlkDeviceError};
 pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler, IoErrorHook};
 pub use request::{BlkRequest, BlkRequestType, VirtioBlkError};
 

@@ -1,0 +1,335 @@
+//! IOThreads: named threads, each running an event-manager `EventManager`
+//! (one epoll set) that serves the data planes placed on it
+//! (`--object iothread,id=io0[,poll-max-ns=N]`).
+//!
+//! Subscribers are added and removed from other threads through the
+//! manager's remote endpoint: the closure runs on the IOThread between two
+//! epoll waits, so a subscriber is never touched by two threads at once and
+//! the data path takes no lock.
+//!
+//! With `poll-max-ns > 0` the loop busy-polls before it sleeps, as QEMU's
+//! `aio_poll` does: every subscriber's [`IoSubscriber::poll`] hook is run
+//! until one finds work or the poll time runs out. The poll time adapts:
+//! it grows (by `poll-grow`, from 4 µs) while the loop keeps sleeping less
+//! than `poll-max-ns`, and shrinks (by `poll-shrink`, or to 0) after a
+//! sleep longer than that.
+
+use std::any::Any;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{
+    EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps,
+};
+
+/// QEMU's default `poll-max-ns` on Linux.
+pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
+/// The first poll time after polling was off (QEMU's 4 µs).
+const POLL_START_NS: u64 = 4000;
+/// QEMU's default grow factor.
+const DEFAULT_POLL_GROW: u64 = 2;
+
+/// What runs on an IOThread: an event-manager subscriber that may also
+/// offer a busy-poll hook.
+pub trait IoSubscriber: MutEventSubscriber + Send {
+    /// Busy-poll hook: looks for work without waiting (a new avail entry,
+    /// finished node requests) and does it. Returns whether it found any.
+    fn poll(&mut self) -> bool {
+        false
+    }
+
+    /// The subscriber as `Any`, so its owner can take it back by type
+    /// ([`IoThread::remove_as`]).
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+type Sub = Box<dyn IoSubscriber>;
+
+/// Options of one IOThread (QEMU's `iothread` object properties).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoThreadConfig {
+    /// Longest busy-poll before sleeping in epoll, ns; 0 turns polling off.
+    pub poll_max_ns: u64,
+    /// Factor by which the poll time grows (0: the default, 2).
+    pub poll_grow: u64,
+    /// Divisor by which the poll time shrinks (0: drop to 0 at once).
+    pub poll_shrink: u64,
+}
+
+impl Default for IoThreadConfig {
+    fn default() -> Self {
+        IoThreadConfig {
+            poll_max_ns: DEFAULT_POLL_MAX_NS,
+            poll_grow: 0,
+            poll_shrink: 0,
+        }
+    }
+}
+
+/// Why an IOThread could not be started or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum IoThreadError {
+    /// The event manager could not be created.
+    #[error("could not create the event loop of iothread '{0}'")]
+    EventManager(String, #[source] event_manager::Error),
+    /// The thread could not be spawned.
+    #[error("could not start iothread '{0}'")]
+    Spawn(String, #[source] io::Error),
+    /// The thread is gone or refused the call.
+    #[error("iothread '{0}' is not running")]
+    Gone(String),
+    /// No subscriber has that id (or it has another type).
+    #[error("iothread '{0}' has no such subscriber")]
+    NoSubscriber(String),
+}
+
+/// Poll list shared between the owner and the loop: the loop rereads it
+/// only when `dirty` says it changed.
+#[derive(Default)]
+struct PollList {
+    ids: Mutex<Vec<SubscriberId>>,
+    dirty: AtomicBool,
+}
+
+impl PollList {
+    fn edit(&self, f: impl FnOnce(&mut Vec<SubscriberId>)) {
+        f(&mut self.ids.lock().unwrap_or_else(|e| e.into_inner()));
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
+/// Counters for tests and `query-iothreads`.
+#[derive(Default)]
+struct Stats {
+    /// Current adaptive poll time, ns.
+    poll_ns: AtomicU64,
+    /// Times a poll hook found work.
+    poll_hits: AtomicU64,
+    /// Epoll waits.
+    waits: AtomicU64,
+}
+
+/// A running IOThread.
+pub struct IoThread {
+    id: String,
+    config: IoThreadConfig,
+    endpoint: RemoteEndpoint<Sub>,
+    stop: Arc<AtomicBool>,
+    polls: Arc<PollList>,
+    stats: Arc<Stats>,
+    tid: Arc<AtomicI32>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl IoThread {
+    /// Starts the IOThread `id`.
+    pub fn new(id: &str, config: IoThreadConfig) -> Result<Arc<Self>, IoThreadError> {
+        let em = EventManager::<Sub>::new()
+            .map_err(|e| IoThreadError::EventManager(id.to_string(), e))?;
+        let endpoint = em.remote_endpoint();
+        let stop = Arc::new(AtomicBool::new(false));
+        let polls = Arc::new(PollList::default());
+        let stats = Arc::new(Stats::default());
+        let tid = Arc::new(AtomicI32::new(0));
+        let mut lp = Loop {
+            em,
+            config,
+            stop: stop.clone(),
+            polls: polls.clone(),
+            ids: Vec::new(),
+            poll_ns: 0,
+            stats: stats.clone(),
+        };
+        let t = tid.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("iothread-{id}"))
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                t.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                lp.run();
+            })
+            .map_err(|e| IoThreadError::Spawn(id.to_string(), e))?;
+        Ok(Arc::new(IoThread {
+            id: id.to_string(),
+            config,
+            endpoint,
+            stop,
+            polls,
+            stats,
+            tid,
+            handle: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// The IOThread's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its options.
+    pub fn config(&self) -> IoThreadConfig {
+        self.config
+    }
+
+    /// The host thread id (0 until the thread has started).
+    pub fn thread_id(&self) -> i32 {
+        self.tid.load(Ordering::Relaxed)
+    }
+
+    /// The current adaptive busy-poll time, ns.
+    pub fn poll_ns(&self) -> u64 {
+        self.stats.poll_ns.load(Ordering::Relaxed)
+    }
+
+    /// How many times a poll hook found work.
+    pub fn poll_hits(&self) -> u64 {
+        self.stats.poll_hits.load(Ordering::Relaxed)
+    }
+
+    /// How many times the loop waited in epoll.
+    pub fn epoll_waits(&self) -> u64 {
+        self.stats.waits.load(Ordering::Relaxed)
+    }
+
+    /// Places `sub` on the thread (its `init` runs there) and returns its id.
+    /// Must not be called from the IOThread itself.
+    pub fn add(&self, sub: Sub) -> Result<SubscriberId, IoThreadError> {
+        let polls = self.polls.clone();
+        self.endpoint
+            .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
+                let id = ops.add_subscriber(sub);
+                polls.edit(|v| v.push(id));
+                Ok(id)
+            })
+            .map_err(|_| IoThreadError::Gone(self.id.clone()))
+    }
+
+    /// Takes subscriber `id` off the thread and hands it back. Must not be
+    /// called from the IOThread itself.
+    pub fn remove(&self, id: SubscriberId) -> Result<Sub, IoThreadError> {
+        let polls = self.polls.clone();
+        let r = self
+            .endpoint
+            .call_blocking(move |ops| -> Result<Option<Sub>, event_manager::Error> {
+                polls.edit(|v| v.retain(|x| *x != id));
+                Ok(ops.remove_subscriber(id).ok())
+            })
+            .map_err(|_| IoThreadError::Gone(self.id.clone()))?;
+        r.ok_or_else(|| IoThreadError::NoSubscriber(self.id.clone()))
+    }
+
+    /// [`IoThread::remove`], downcast to the subscriber's own type.
+    pub fn remove_as<T: 'static>(&self, id: SubscriberId) -> Result<Box<T>, IoThreadError> {
+        self.remove(id)?
+            .into_any()
+            .downcast::<T>()
+            .map_err(|_| IoThreadError::NoSubscriber(self.id.clone()))
+    }
+
+    /// Stops the loop and joins the thread. Subscribers still on it are
+    /// dropped there. Idempotent.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.endpoint.kick();
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The state the thread owns.
+struct Loop {
+    em: EventManager<Sub>,
+    config: IoThreadConfig,
+    stop: Arc<AtomicBool>,
+    polls: Arc<PollList>,
+    ids: Vec<SubscriberId>,
+    poll_ns: u64,
+    stats: Arc<Stats>,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            if self.polls.dirty.swap(false, Ordering::Acquire) {
+                self.ids
+                    .clone_from(&self.polls.ids.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+            let start = Instant::now();
+            let found = self.config.poll_max_ns > 0 && self.poll_ns > 0 && self.busy_poll(start);
+            let timeout = if found { 0 } else { -1 };
+            if !found {
+                self.stats.waits.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = self.em.run_with_timeout(timeout) {
+                // Only a broken epoll fd gets here; back off rather than spin.
+                eprintln!("iothread: epoll failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.config.poll_max_ns > 0 {
+                self.adapt(start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64);
+            }
+        }
+    }
+
+    /// Runs the poll hooks until one finds work or the poll time is up.
+    fn busy_poll(&mut self, start: Instant) -> bool {
+        let deadline = start + Duration::from_nanos(self.poll_ns);
+        loop {
+            let mut found = false;
+            for id in &self.ids {
+                if let Ok(s) = self.em.subscriber_mut(*id) {
+                    found |= s.poll();
+                }
+            }
+            if found {
+                self.stats.poll_hits.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            if Instant::now() >= deadline || self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// QEMU's `adjust_polling_time`: the time from the start of polling to
+    /// the end of the wait decides whether polling longer would have paid.
+    fn adapt(&mut self, block_ns: u64) {
+        let max = self.config.poll_max_ns;
+        if block_ns <= self.poll_ns {
+            // Polling would have been enough (or was): keep it.
+        } else if block_ns > max {
+            self.poll_ns = match self.config.poll_shrink {
+                0 => 0,
+                s => self.poll_ns / s,
+            };
+        } else if self.poll_ns < max {
+            let grow = match self.config.poll_grow {
+                0 => DEFAULT_POLL_GROW,
+                g => g,
+            };
+            self.poll_ns = match self.poll_ns {
+                0 => POLL_START_NS,
+                p => p.saturating_mul(grow),
+            }
+            .min(max);
+        }
+        self.stats.poll_ns.store(self.poll_ns, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,389 @@
+//! The VMM's virtio-blk device: configuration space and features for a
+//! transport ([`crate::virtio`]), and on DRIVER_OK one [`QueueWorker`] per
+//! enabled queue on an IOThread.
+//!
+//! A worker owns its `Queue`, its [`BlkQueueHandler`] (with its own node
+//! queue), its kick EventFd (an ioeventfd) and the transport's interrupt;
+//! nothing on the request path is shared but two atomics (write-through
+//! mode, device status). Queues go round-robin over the device's
+//! IOThreads. A handler error marks the device NEEDS_RESET and raises the
+//! config interrupt; the rest of the VM carries on. Reset takes the workers
+//! back from their IOThreads and completes what is in flight.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use block::BlockNode;
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::config::{self, BlkOptions, CONFIG_LEN};
+use super::{BlkHandlerError, BlkQueueHandler, GuestMem};
+use crate::iothread::{IoSubscriber, IoThread, IoThreadConfig};
+use crate::virtio::{QueueConfig, VirtioDevice, VirtioDeviceError, VirtioInterrupt, VirtioIrq};
+
+/// Offset of `writeback` in the configuration space (5.2.4).
+const WRITEBACK_OFFSET: u64 = 32;
+
+/// Why a virtio-blk device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioBlkDeviceError {
+    /// The queue size is not a power of two in 1..=32768, or no queues.
+    #[error("queue-size must be a power of 2 up to 32768 and num-queues at least 1")]
+    BadQueues,
+    /// A notification EventFd could not be made.
+    #[error("could not create a queue event")]
+    Event(#[source] std::io::Error),
+    /// The dedicated IOThread could not start.
+    #[error("could not start the device's iothread")]
+    IoThread(#[source] crate::iothread::IoThreadError),
+}
+
+/// What a virtio-blk device is made of.
+pub struct VirtioBlkConfig {
+    /// Device id (for messages and a dedicated IOThread's name).
+    pub id: String,
+    /// The node the device serves.
+    pub node: Arc<dyn BlockNode>,
+    /// Options shaping what the guest sees.
+    pub opts: BlkOptions,
+    /// IOThreads to spread the queues over; empty: a dedicated one.
+    pub iothreads: Vec<Arc<IoThread>>,
+}
+
+/// A virtio-blk device of the VMM.
+pub struct VirtioBlk {
+    id: String,
+    node: Arc<dyn BlockNode>,
+    opts: BlkOptions,
+    mem: Arc<GuestMem>,
+    iothreads: Vec<Arc<IoThread>>,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    writeback: bool,
+    writethrough: Arc<AtomicBool>,
+    kicks: Vec<EventFd>,
+    active: Vec<(Arc<IoThread>, SubscriberId)>,
+}
+
+impl VirtioBlk {
+    /// A device for `cfg` over guest memory `mem`.
+    pub fn new(cfg: VirtioBlkConfig, mem: Arc<GuestMem>) -> Result<Self, VirtioBlkDeviceError> {
+        let qs = cfg.opts.queue_size;
+        if cfg.opts.num_queues == 0 || qs == 0 || !qs.is_power_of_two() || qs > 32768 {
+            return Err(VirtioBlkDeviceError::BadQueues);
+        }
+        let iothreads = if cfg.iothreads.is_empty() {
+            let t = IoThread::new(
+                &format!("{}-io", cfg.id),
+                IoThreadConfig {
+                    poll_max_ns: 0,
+                    ..IoThreadConfig::default()
+                },
+            )
+            .map_err(VirtioBlkDeviceError::IoThread)?;
+            vec![t]
+        } else {
+            cfg.iothreads
+        };
+        let kicks = (0..cfg.opts.num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VirtioBlkDeviceError::Event)?;
+        let read_only = cfg.opts.read_only || cfg.node.read_only();
+        Ok(VirtioBlk {
+            features: config::features(&cfg.opts, read_only),
+            config: config::config_space(cfg.node.as_ref(), &cfg.opts, true),
+            id: cfg.id,
+            node: cfg.node,
+            opts: cfg.opts,
+            mem,
+            iothreads,
+            writeback: true,
+            writethrough: Arc::new(AtomicBool::new(false)),
+            kicks,
+            active: Vec::new(),
+        })
+    }
+
+    /// The node the device serves.
+    pub fn node(&self) -> &Arc<dyn BlockNode> {
+        &self.node
+    }
+
+    /// The IOThreads the queues run on.
+    pub fn iothreads(&self) -> &[Arc<IoThread>] {
+        &self.iothreads
+    }
+
+    /// Queues currently being served.
+    pub fn active_queues(&self) -> usize {
+        self.active.len()
+    }
+
+    fn make_worker(
+        &self,
+        index: usize,
+        qc: &QueueConfig,
+        event_idx: bool,
+        interrupt: &Arc<dyn VirtioInterrupt>,
+    ) -> Result<QueueWorker, VirtioDeviceError> {
+        let mut queue = Queue::new(qc.max_size).map_err(|_| VirtioDeviceError::BadQueue(index))?;
+        queue.set_size(qc.size);
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (l, h) = split(qc.desc);
+        queue.set_desc_table_address(l, h);
+        let (l, h) = split(qc.avail);
+        queue.set_avail_ring_address(l, h);
+        let (l, h) = split(qc.used);
+        queue.set_used_ring_address(l, h);
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(self.mem.as_ref()) {
+            return Err(VirtioDeviceError::BadQueue(index));
+        }
+        let nq = self
+            .node
+            .open_queue()
+            .map_err(|e| VirtioDeviceError::Host(Box::new(e)))?;
+        let mut handler = BlkQueueHandler::new(self.node.clone(), nq, &self.opts);
+        let wt = self.writethrough.load(Ordering::SeqCst);
+        handler.set_writethrough(wt);
+        Ok(QueueWorker {
+            id: format!("{}: queue {index}", self.id),
+            index: index as u16,
+            queue,
+            handler,
+            mem: self.mem.clone(),
+            kick: self.kicks[index]
+                .try_clone()
+                .map_err(|e| VirtioDeviceError::Host(Box::new(e)))?,
+            interrupt: interrupt.clone(),
+            writethrough: self.writethrough.clone(),
+            wt,
+            broken: false,
+        })
+    }
+}
+
+impl VirtioDevice for VirtioBlk {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.opts.queue_size; usize::from(self.opts.num_queues)]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(usize::try_from(o).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE (5.2.4).
+        if offset != WRITEBACK_OFFSET || data.len() != 1 || !self.opts.config_wce {
+            return;
+        }
+        self.writeback = data[0] != 0;
+        self.config[WRITEBACK_OFFSET as usize] = u8::from(self.writeback);
+        self.writethrough.store(!self.writeback, Ordering::SeqCst);
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.kicks
+    }
+
+    fn activate(
+        &mut self,
+        features: u64,
+        queues: &[QueueConfig],
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), VirtioDeviceError> {
+        if !self.active.is_empty() {
+            self.reset();
+        }
+        let has = |b: u32| features & (1u64 << b) != 0;
+        // Without CONFIG_WCE the mode is fixed: writeback if the driver can
+        // flush, write-through if it cannot (5.2.5.1).
+        let wt = if has(VIRTIO_BLK_F_CONFIG_WCE) {
+            !self.writeback
+        } else {
+            !has(VIRTIO_BLK_F_FLUSH)
+        };
+        self.writethrough.store(wt, Ordering::SeqCst);
+        let event_idx = has(VIRTIO_RING_F_EVENT_IDX);
+        let mut workers = Vec::new();
+        for (i, qc) in queues.iter().enumerate().take(self.kicks.len()) {
+            // A queue the driver did not enable is not served (Linux may
+            // use fewer queues than offered).
+            if qc.ready {
+                workers.push(self.make_worker(i, qc, event_idx, &interrupt)?);
+            }
+        }
+        for w in workers {
+            let t = self.iothreads[usize::from(w.index) % self.iothreads.len()].clone();
+            match t.add(Box::new(w)) {
+                Ok(id) => self.active.push((t, id)),
+                Err(e) => {
+                    self.reset();
+                    return Err(VirtioDeviceError::Host(Box::new(e)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for (t, id) in self.active.drain(..) {
+            match t.remove_as::<QueueWorker>(id) {
+                Ok(mut w) => w.handler.drain(&mut w.queue, &w.mem),
+                Err(e) => eprintln!("{}: reset: {e}", self.id),
+            }
+        }
+        for k in &self.kicks {
+            // Stale notifications belong to the old rings.
+            let _ = k.read();
+        }
+        self.writeback = true;
+        self.writethrough.store(false, Ordering::SeqCst);
+        self.refresh_config();
+    }
+
+    fn refresh_config(&mut self) {
+        self.config = config::config_space(self.node.as_ref(), &self.opts, self.writeback);
+    }
+}
+
+impl Drop for VirtioBlk {
+    fn drop(&mut self) {
+        if !self.active.is_empty() {
+            self.reset();
+        }
+    }
+}
+
+const KICK: u32 = 0;
+const COMPLETION: u32 = 1;
+
+/// One enabled virtqueue on its IOThread.
+pub struct QueueWorker {
+    id: String,
+    index: u16,
+    queue: Queue,
+    handler: BlkQueueHandler,
+    mem: Arc<GuestMem>,
+    kick: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    writethrough: Arc<AtomicBool>,
+    wt: bool,
+    broken: bool,
+}
+
+impl QueueWorker {
+    fn notify(&mut self, r: Result<bool, BlkHandlerError>) {
+        match r {
+            Ok(true) => {
+                if let Err(e) = self.interrupt.signal(VirtioIrq::Queue(self.index)) {
+                    eprintln!("{}: could not raise the interrupt: {e}", self.id);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("{}: {e}; the device needs a reset", self.id);
+                self.broken = true;
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    fn run_queue(&mut self) {
+        if self.broken {
+            return;
+        }
+        let wt = self.writethrough.load(Ordering::Relaxed);
+        if wt != self.wt {
+            self.wt = wt;
+            self.handler.set_writethrough(wt);
+        }
+        let r = self.handler.process_queue(&mut self.queue, &self.mem);
+        self.notify(r);
+    }
+
+    fn run_completions(&mut self) {
+        let r = self.handler.process_completions(&mut self.queue, &self.mem);
+        // After a failure the rings are suspect; completions still free
+        // their slots but raise nothing.
+        if !self.broken {
+            self.notify(r);
+        }
+    }
+}
+
+impl MutEventSubscriber for QueueWorker {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if !events.event_set().contains(EventSet::IN) {
+            return;
+        }
+        match events.data() {
+            KICK => {
+                let _ = self.kick.read();
+                self.run_queue();
+            }
+            COMPLETION => self.run_completions(),
+            _ => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let kick = Events::with_data(&self.kick, KICK, EventSet::IN);
+        let done = Events::with_data_raw(self.handler.completion_fd(), COMPLETION, EventSet::IN);
+        if let Err(e) = ops.add(kick).and_then(|()| ops.add(done)) {
+            eprintln!("{}: cannot watch the queue: {e:?}", self.id);
+            self.broken = true;
+            self.interrupt.set_needs_reset();
+        }
+    }
+}
+
+impl IoSubscriber for QueueWorker {
+    fn poll(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
+        let mut found = false;
+        let avail = self
+            .queue
+            .avail_idx(self.mem.as_ref(), Ordering::Acquire)
+            .map(|a| a.0 != self.queue.next_avail());
+        if avail.unwrap_or(false) {
+            self.run_queue();
+            found = true;
+        }
+        let before = self.handler.in_flight();
+        if before > 0 {
+            self.run_completions();
+            found |= self.handler.in_flight() < before;
+        }
+        found
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
