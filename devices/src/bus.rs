@@ -124,10 +124,11 @@ pub struct MsiMessage {
 /// plain records.
 pub trait VmHooks: Send + Sync {
     /// Signals `fd` on every guest write to the MMIO address `addr`
-    /// (with `datamatch`, only writes of that 16-bit value, 2 bytes wide).
-    fn register_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u16>) -> io::Result<()>;
+    /// (with `datamatch`, only 4-byte writes of that value, as Linux
+    /// writes virtio-mmio QueueNotify).
+    fn register_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>) -> io::Result<()>;
     /// Undoes [`VmHooks::register_ioevent`].
-    fn unregister_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u16>)
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>)
         -> io::Result<()>;
     /// Raises interrupt `gsi` whenever `fd` is signalled.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;

@@ -94,7 +94,6 @@ fn qemu_kvm_boots_debian_with_pci_and_mmio_disks_on_their_own_iothreads() -> Res
 }
 
 #[test]
-#[ignore = "blkvm run devices are being wired"]
 fn debian_boots_under_blkvm_run_with_pci_and_mmio_disks_on_their_own_iothreads() -> Result<()> {
     let out = NestedVm::new()
         .l2_script(L2_WRITE_AND_READ_BACK)
@@ -106,6 +105,9 @@ fn debian_boots_under_blkvm_run_with_pci_and_mmio_disks_on_their_own_iothreads()
 /// The VMM exited 0, L2's script passed, each disk is on its bus, and
 /// what L2 wrote it read back and L1 finds in the image.
 fn check_two_disks(out: &NestedOutput) -> Result<()> {
+    if std::env::var_os("BLKVM_SHOW_CONSOLE").is_some() {
+        eprintln!("{}", out.console);
+    }
     eprintln!(
         "L1 boot {:?}; L2 run {} s (L1's clock)",
         out.boot_time,

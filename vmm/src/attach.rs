@@ -8,11 +8,16 @@
 //! [`DeviceManager::pci_layout`]) and its IOThread.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use block::{BlockGraph, BlockNode};
-use devices::virtio_blk::{BlkOptions, GuestMem};
+use devices::bus::{Bus, BusDevice};
+use devices::iothread::{IoThread, IoThreadConfig};
+use devices::pci::PciSegment;
+use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use devices::virtio::pci::{VirtioPciDevice, BAR_SIZE as PCI_BAR_SIZE};
+use devices::virtio_blk::{BlkOptions, GuestMem, VirtioBlk, VirtioBlkConfig};
 use qapi::device::{DeviceDriver, DeviceOptions};
 use qapi::object::IothreadProperties;
 
@@ -119,38 +124,218 @@ pub fn prepare_devices(
     Ok(out)
 }
 
-/// Creates each device's transport and IOThread and places it on the
-/// VM's buses.
-///
-/// Not wired yet: the virtio-mmio and virtio-pci transports and the
-/// IOThread loop are being written in the devices crate. Until they land,
-/// a VM with a device refuses to start, naming the device. The wiring
-/// will be, per device:
-/// - virtio-blk-device: `dm.add_mmio_device(0x1000)` gives base and GSI;
-///   the transport registers its QueueNotify ioeventfds at base + 0x50 and
-///   its irqfd on the GSI through `dm.hooks()`, and goes on the bus with
-///   `dm.insert_mmio_device(&slot, transport)`. The DSDT entry and the
-///   `virtio_mmio.device=` command-line entry follow from the slot.
-/// - virtio-blk-pci: a function on the host bridge, which goes once on the
-///   MMIO bus at `dm.pci_layout().ecam_base` and on the PIO bus at
-///   `config_io_port`; BARs come from the layout's MMIO window; MSI-X
-///   vectors use `dm.hooks().allocate_gsi()` and `set_msi_route`.
+/// A device's transport, kept for what QMP does to a running device
+/// (`block_resize` raises its config-change interrupt).
+pub enum Transport {
+    /// virtio-mmio.
+    Mmio(Arc<Mutex<MmioTransport<VirtioBlk>>>),
+    /// virtio-pci.
+    Pci(Arc<Mutex<VirtioPciDevice<VirtioBlk>>>),
+}
+
+/// One device on the VM's buses.
+pub struct AttachedDevice {
+    /// How messages name it.
+    pub label: String,
+    /// Its `id`, if it has one.
+    pub id: Option<String>,
+    /// Its node.
+    pub node: Arc<dyn BlockNode>,
+    /// Its transport.
+    pub transport: Transport,
+}
+
+impl AttachedDevice {
+    /// Re-reads the node's capacity into the config space and raises the
+    /// config-change interrupt, so the guest sees a resized disk.
+    pub fn config_changed(&self) {
+        match &self.transport {
+            Transport::Mmio(t) => lock(t).config_changed(),
+            Transport::Pci(t) => lock(t).config_changed(),
+        }
+    }
+
+    /// The device's virtio-blk state (queues served, counters).
+    pub fn with_device<R>(&self, f: impl FnOnce(&VirtioBlk) -> R) -> R {
+        match &self.transport {
+            Transport::Mmio(t) => f(lock(t).device()),
+            Transport::Pci(t) => f(lock(t).device()),
+        }
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The devices and IOThreads of a VM.
+pub struct Attached {
+    /// Every device, in `--device` order.
+    pub devices: Vec<AttachedDevice>,
+    /// The named IOThreads (`--object iothread`), by id.
+    pub iothreads: Vec<Arc<IoThread>>,
+    /// The PCI segment, when a device is on PCI.
+    pub pci: Option<PciSegment>,
+}
+
+/// The PCI BAR window on the MMIO bus: BARs move when the guest programs
+/// them, so the window keeps its own bus of BARs and applies the moves
+/// the segment queued before each access. (vCPUs hold the MMIO bus's
+/// read lock while they dispatch, so the main bus cannot change then.)
+struct BarWindow {
+    base: u64,
+    segment: PciSegment,
+    bars: Bus,
+}
+
+impl BarWindow {
+    fn sync(&mut self) {
+        if self.segment.has_bar_reprograms() {
+            if let Err(e) = self.segment.apply_bar_reprograms(&mut self.bars) {
+                eprintln!("blkvm: PCI BAR move refused: {e}");
+            }
+        }
+    }
+}
+
+impl BusDevice for BarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.sync();
+        if !self.bars.read(self.base + offset, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.sync();
+        self.bars.write(self.base + offset, data);
+    }
+}
+
+/// Starts the named IOThreads, creates each device's transport, and
+/// places it on the VM's buses: virtio-blk-device on a virtio-mmio slot
+/// (which also puts it in the DSDT and on the command line), and
+/// virtio-blk-pci as a function behind the PCI host bridge, whose ECAM
+/// and 0xcf8 ports go on the buses when the first PCI device does.
 pub fn attach_devices(
-    _dm: &mut DeviceManager,
-    _mem: &Arc<GuestMem>,
-    devices: &[PreparedDevice],
-) -> Result<()> {
-    if let Some(d) = devices.first() {
-        let transport = match d.options.driver {
-            DeviceDriver::VirtioBlkPci => "virtio-pci",
-            DeviceDriver::VirtioBlkDevice => "virtio-mmio",
+    dm: &mut DeviceManager,
+    mem: &Arc<GuestMem>,
+    devices: Vec<PreparedDevice>,
+    iothread_props: &HashMap<String, IothreadProperties>,
+) -> Result<Attached> {
+    let mut names: Vec<&String> = iothread_props.keys().collect();
+    names.sort();
+    let mut iothreads = Vec::new();
+    for id in names {
+        let p = &iothread_props[id];
+        let cfg = IoThreadConfig {
+            poll_max_ns: p
+                .poll_max_ns
+                .unwrap_or(devices::iothread::DEFAULT_POLL_MAX_NS),
+            poll_grow: p.poll_grow.unwrap_or(0),
+            poll_shrink: p.poll_shrink.unwrap_or(0),
         };
-        bail!(
-            "{}: the {transport} transport is not wired into blkvm run yet",
-            d.label
+        iothreads.push(
+            IoThread::new(id, cfg).with_context(|| format!("could not start iothread '{id}'"))?,
         );
     }
-    Ok(())
+    let mut pci: Option<PciSegment> = None;
+    let mut out = Vec::new();
+    for (i, d) in devices.into_iter().enumerate() {
+        let threads = match &d.iothread {
+            Some((id, _)) => iothreads.iter().filter(|t| t.id() == id).cloned().collect(),
+            None => Vec::new(),
+        };
+        let blk = VirtioBlk::new(
+            VirtioBlkConfig {
+                id: d.options.id.clone().unwrap_or_else(|| format!("blk{i}")),
+                node: d.node.clone(),
+                opts: d.config.clone(),
+                iothreads: threads,
+            },
+            mem.clone(),
+        )
+        .with_context(|| d.label.clone())?;
+        let transport = match d.options.driver {
+            DeviceDriver::VirtioBlkDevice => {
+                let slot = dm
+                    .add_mmio_device(MMIO_LEN)
+                    .with_context(|| d.label.clone())?;
+                let t = MmioTransport::new(blk, dm.hooks(), slot.base, slot.gsi)
+                    .with_context(|| format!("{}: virtio-mmio transport", d.label))?;
+                let t = Arc::new(Mutex::new(t));
+                dm.insert_mmio_device(&slot, t.clone())
+                    .with_context(|| d.label.clone())?;
+                Transport::Mmio(t)
+            }
+            DeviceDriver::VirtioBlkPci => {
+                let seg = match &pci {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = add_pci_segment(dm)?;
+                        pci = Some(s.clone());
+                        s
+                    }
+                };
+                let bar = seg
+                    .allocate_bar(PCI_BAR_SIZE)
+                    .with_context(|| format!("{}: the PCI BAR window is full", d.label))?;
+                let t = VirtioPciDevice::new(blk, dm.hooks(), bar)
+                    .with_context(|| format!("{}: virtio-pci transport", d.label))?;
+                let t = Arc::new(Mutex::new(t));
+                seg.add_device(t.clone())
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", d.label))?;
+                Transport::Pci(t)
+            }
+        };
+        out.push(AttachedDevice {
+            label: d.label,
+            id: d.options.id.clone(),
+            node: d.node,
+            transport,
+        });
+    }
+    Ok(Attached {
+        devices: out,
+        iothreads,
+        pci,
+    })
+}
+
+/// The PCI host bridge: ECAM on the MMIO bus, 0xcf8 ports on the PIO bus,
+/// and the BAR window.
+fn add_pci_segment(dm: &mut DeviceManager) -> Result<PciSegment> {
+    let l = dm.pci_layout();
+    let seg = PciSegment::new(l.mmio_window_base, l.mmio_window_size);
+    dm.mmio_bus()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(l.ecam_base, l.ecam_size, Arc::new(Mutex::new(seg.ecam())))
+        .context("PCI ECAM")?;
+    dm.pio_bus()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            l.config_io_port,
+            l.config_io_len,
+            Arc::new(Mutex::new(seg.config_io())),
+        )
+        .context("PCI configuration ports")?;
+    let window = BarWindow {
+        base: l.mmio_window_base,
+        segment: seg.clone(),
+        bars: Bus::new(),
+    };
+    dm.mmio_bus()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            l.mmio_window_base,
+            l.mmio_window_size,
+            Arc::new(Mutex::new(window)),
+        )
+        .context("PCI BAR window")?;
+    Ok(seg)
 }
 
 #[cfg(test)]

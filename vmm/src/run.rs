@@ -115,9 +115,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     })?;
     vm.memory().register_with_block_layer(graph.registrar());
     let mem = vm.guest_memory();
-    attach::attach_devices(vm.devices(), &mem, &prepared)?;
+    let attached = attach::attach_devices(vm.devices(), &mem, prepared, &iothreads)?;
     let running = vm.boot()?;
-    match running.wait() {
+    let reason = running.wait();
+    drop(attached);
+    match reason {
         VmExitReason::PowerOff | VmExitReason::Reset => Ok(()),
         VmExitReason::Failed(msg) => bail!("the VM stopped: {msg}"),
     }

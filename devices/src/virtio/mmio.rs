@@ -96,7 +96,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     gsi: u32,
     interrupt: Arc<MmioInterrupt>,
     /// Datamatch each queue's ioeventfd was registered with.
-    notify_match: Vec<Option<u16>>,
+    notify_match: Vec<Option<u32>>,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -111,10 +111,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         });
         hooks.register_irqfd(&interrupt.irqfd, gsi)?;
         let nq = device.queue_events().len();
-        // One queue: no datamatch, so any write width matches (Linux
-        // writes QueueNotify with 32-bit stores). Several: the queue index.
-        let notify_match: Vec<Option<u16>> =
-            (0..nq).map(|i| (nq > 1).then_some(i as u16)).collect();
+        // One queue: no datamatch, so any write width matches. Several:
+        // the queue index, matched on the 32-bit stores Linux makes.
+        let notify_match: Vec<Option<u32>> =
+            (0..nq).map(|i| (nq > 1).then_some(i as u32)).collect();
         let mut t = MmioTransport {
             device,
             common,

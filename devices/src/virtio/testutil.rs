@@ -24,7 +24,7 @@ use crate::virtio_blk::{BlkOptions, GuestMem, VirtioBlk, VirtioBlkConfig};
 /// A recording `VmHooks`.
 #[derive(Default)]
 pub struct RecordingHooks {
-    pub ioevents: Mutex<Vec<(EventFd, u64, Option<u16>)>>,
+    pub ioevents: Mutex<Vec<(EventFd, u64, Option<u32>)>>,
     pub irqfds: Mutex<Vec<(EventFd, u32)>>,
     pub routes: Mutex<HashMap<u32, Option<MsiMessage>>>,
     pub next_gsi: AtomicU32,
@@ -40,7 +40,7 @@ impl RecordingHooks {
 
     /// What KVM does on a guest write of `value` at `addr`: signals every
     /// matching ioeventfd. Returns whether one matched.
-    pub fn doorbell(&self, addr: u64, value: u16) -> bool {
+    pub fn doorbell(&self, addr: u64, value: u32) -> bool {
         let evs = self.ioevents.lock().unwrap();
         let mut hit = false;
         for (fd, a, dm) in evs.iter() {
@@ -70,7 +70,7 @@ impl RecordingHooks {
 }
 
 impl VmHooks for RecordingHooks {
-    fn register_ioevent(&self, fd: &EventFd, addr: u64, dm: Option<u16>) -> io::Result<()> {
+    fn register_ioevent(&self, fd: &EventFd, addr: u64, dm: Option<u32>) -> io::Result<()> {
         let mut v = self.ioevents.lock().unwrap();
         if v.iter().any(|(_, a, d)| *a == addr && *d == dm) {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
@@ -79,7 +79,7 @@ impl VmHooks for RecordingHooks {
         Ok(())
     }
 
-    fn unregister_ioevent(&self, _fd: &EventFd, addr: u64, dm: Option<u16>) -> io::Result<()> {
+    fn unregister_ioevent(&self, _fd: &EventFd, addr: u64, dm: Option<u32>) -> io::Result<()> {
         let mut v = self.ioevents.lock().unwrap();
         let n = v.len();
         v.retain(|(_, a, d)| !(*a == addr && *d == dm));

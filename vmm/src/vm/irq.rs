@@ -168,7 +168,7 @@ impl KvmVmHooks {
 }
 
 impl VmHooks for KvmVmHooks {
-    fn register_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u16>) -> io::Result<()> {
+    fn register_ioevent(&self, fd: &EventFd, addr: u64, datamatch: Option<u32>) -> io::Result<()> {
         let a = IoEventAddress::Mmio(addr);
         match datamatch {
             Some(v) => self.vm.register_ioevent(fd, &a, v),
@@ -181,7 +181,7 @@ impl VmHooks for KvmVmHooks {
         &self,
         fd: &EventFd,
         addr: u64,
-        datamatch: Option<u16>,
+        datamatch: Option<u32>,
     ) -> io::Result<()> {
         let a = IoEventAddress::Mmio(addr);
         match datamatch {

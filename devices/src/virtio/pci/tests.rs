@@ -210,7 +210,7 @@ impl Guest {
 
     fn doorbell(&self, q: u16) -> bool {
         let addr = self.cap_addr(2) + u64::from(self.lay.notify_mult) * u64::from(q);
-        self.hooks.doorbell(addr, q)
+        self.hooks.doorbell(addr, u32::from(q))
     }
 }
 
