@@ -79,3 +79,11 @@ if [ "$(qemu_major qemu-system-x86)" -lt 10 ] 2>/dev/null || ! installed qemu-sy
     apt_update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends -t "$suite" qemu-system-x86
 fi
+
+# The QMP tests drive blkvm with qemu.qmp, the client QEMU's own tools
+# (qmp-shell among them) are built on, from PyPI into a venv of our own.
+venv="$(dirname "$0")/out/venv"
+if ! "$venv/bin/python" -c 'import qemu.qmp' 2>/dev/null; then
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'qemu.qmp>=0.0.3,<0.1'
+fi
