@@ -16,6 +16,11 @@
  *   -DTRIPLE_FAULT  ud2 with the empty IDT blkvm loads at boot: #UD
  *                   cannot be delivered, nor #GP, nor #DF: shutdown
  *                   (not int3: PVM fails to emulate it)
+ * or does not end it:
+ *   -DTICK          spins forever, writing a '.' to COM1 every 2^TICK_SHIFT
+ *                   loop iterations (default 2^16, a few per second on a
+ *                   PVM host), so a test can tell a running VM from a
+ *                   paused one (tests/qmp/run.py)
  */
 #define COM1 0x3f8
 #define SLEEP_CONTROL 0x600
@@ -56,6 +61,17 @@ _start:
 	out	%al, %dx
 #elif defined(TRIPLE_FAULT)
 	ud2
+#elif defined(TICK)
+#ifndef TICK_SHIFT
+#define TICK_SHIFT 16
+#endif
+	mov	$COM1, %dx
+10:	mov	$(1 << TICK_SHIFT), %ecx
+11:	dec	%ecx
+	jnz	11b
+	mov	$'.', %al
+	out	%al, %dx
+	jmp	10b
 #endif
 2:	hlt
 	jmp	2b

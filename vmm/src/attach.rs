@@ -155,6 +155,24 @@ impl AttachedDevice {
         }
     }
 
+    /// Reports the device's host I/O errors to `hook` (QMP's
+    /// `BLOCK_IO_ERROR`) from the driver's next activation on.
+    pub fn set_io_error_hook(&self, hook: Option<devices::virtio_blk::IoErrorHook>) {
+        match &self.transport {
+            Transport::Mmio(t) => lock(t).device_mut().set_io_error_hook(hook),
+            Transport::Pci(t) => lock(t).device_mut().set_io_error_hook(hook),
+        }
+    }
+
+    /// Whether `node` is the device's node or one below it, so that its
+    /// size is what the device shows.
+    pub fn uses_node(&self, node: &str) -> bool {
+        fn below(n: &dyn BlockNode, name: &str) -> bool {
+            n.node_name() == name || n.children().iter().any(|c| below(c.as_ref(), name))
+        }
+        below(self.node.as_ref(), node)
+    }
+
     /// The device's virtio-blk state (queues served, counters).
     pub fn with_device<R>(&self, f: impl FnOnce(&VirtioBlk) -> R) -> R {
         match &self.transport {

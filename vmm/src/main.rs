@@ -4,6 +4,7 @@
 mod bench;
 mod qmp;
 mod run;
+mod run_qmp;
 mod signals;
 mod storage_daemon;
 

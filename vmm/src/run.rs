@@ -3,21 +3,29 @@
 //! `--device virtio-blk-pci|virtio-blk-device,drive=...`).
 //!
 //! The VM ends with exit code 0 when the guest powers off (ACPI S5) or
-//! resets (i8042), and non-zero with a message naming the exit and the
-//! vCPU when it cannot continue (triple fault, KVM error).
+//! resets (i8042), or QMP's `quit` ends it, and non-zero with a message
+//! naming the exit and the vCPU when it cannot continue (triple fault,
+//! KVM error). With `--qmp` (or `--chardev` and `--monitor`), a QMP server
+//! serves [`crate::run_qmp::VmMonitor`] and announces the end with a
+//! SHUTDOWN event.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use block::BlockGraph;
 use clap::Args;
 use qapi::device::DeviceOptions;
 use qapi::object::{ObjectOptions, ObjectProperties};
+use serde_json::json;
 
 use vmm::attach;
 use vmm::vm::legacy::VmExitReason;
 use vmm::vm::{pvm, SerialOutput, Vm, VmConfig};
+
+use crate::qmp::{self, Events, QmpServer};
+use crate::run_qmp::VmMonitor;
 
 /// The default kernel command line: serial console, reboot through the
 /// i8042 (which ends the VM), no reboot loop after a panic.
@@ -56,6 +64,15 @@ pub struct RunArgs {
     /// The serial console: `stdio` or `file:PATH`.
     #[arg(long, default_value = "stdio")]
     serial: String,
+    /// A QMP monitor: `unix:PATH,server=on,wait=off`; repeatable.
+    #[arg(long = "qmp", value_name = "ADDRESS")]
+    qmp: Vec<String>,
+    /// A character device for `--monitor`: `socket,id=ID,path=PATH,server=on,wait=off`.
+    #[arg(long = "chardev", value_name = "OPTIONS")]
+    chardevs: Vec<String>,
+    /// A QMP monitor on a `--chardev`: `chardev=ID`.
+    #[arg(long = "monitor", value_name = "OPTIONS")]
+    monitors: Vec<String>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -73,6 +90,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     let memory =
         qapi::parse_size(&args.memory).with_context(|| format!("--memory {}", args.memory))?;
     let serial = parse_serial(&args.serial)?;
+    let mut qmp_addrs = Vec::new();
+    for q in &args.qmp {
+        qmp_addrs.push(qmp::parse_qmp_arg(q)?);
+    }
+    qmp_addrs.extend(qmp::monitors_from_chardevs(&args.chardevs, &args.monitors)?);
+    for a in &qmp_addrs {
+        qmp::check_path(&a.path)?;
+    }
     let mut graph = BlockGraph::new();
     for arg in &args.blockdevs {
         let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
@@ -115,12 +140,43 @@ pub fn run(args: RunArgs) -> Result<()> {
     })?;
     vm.memory().register_with_block_layer(graph.registrar());
     let mem = vm.guest_memory();
-    let attached = attach::attach_devices(vm.devices(), &mem, prepared, &iothreads)?;
+    let attached = Arc::new(attach::attach_devices(
+        vm.devices(),
+        &mem,
+        prepared,
+        &iothreads,
+    )?);
+    let graph = Arc::new(Mutex::new(graph));
+    let events = Events::default();
     let running = vm.boot()?;
+    let mut servers = Vec::new();
+    if !qmp_addrs.is_empty() {
+        let monitor = Arc::new(VmMonitor::new(
+            graph.clone(),
+            attached.clone(),
+            running.control(),
+            events.clone(),
+        ));
+        for a in &qmp_addrs {
+            servers.push(QmpServer::start(a, monitor.clone(), events.clone())?);
+        }
+    }
     let reason = running.wait();
+    let shutdown = match &reason {
+        VmExitReason::PowerOff => Some((true, "guest-shutdown")),
+        VmExitReason::Reset => Some((true, "guest-reset")),
+        VmExitReason::Quit => Some((false, "host-qmp-quit")),
+        VmExitReason::Failed(_) => None,
+    };
+    if let Some((guest, reason)) = shutdown {
+        events.emit("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})));
+    }
+    for s in servers {
+        s.close();
+    }
     drop(attached);
     match reason {
-        VmExitReason::PowerOff | VmExitReason::Reset => Ok(()),
+        VmExitReason::PowerOff | VmExitReason::Reset | VmExitReason::Quit => Ok(()),
         VmExitReason::Failed(msg) => bail!("the VM stopped: {msg}"),
     }
 }

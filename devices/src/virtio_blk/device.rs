@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config::{self, BlkOptions, CONFIG_LEN};
-use super::{BlkHandlerError, BlkQueueHandler, GuestMem};
+use super::{BlkHandlerError, BlkQueueHandler, GuestMem, IoErrorHook};
 use crate::iothread::{IoSubscriber, IoThread, IoThreadConfig};
 use crate::virtio::{QueueConfig, VirtioDevice, VirtioDeviceError, VirtioInterrupt, VirtioIrq};
 
@@ -70,6 +70,7 @@ pub struct VirtioBlk {
     writethrough: Arc<AtomicBool>,
     kicks: Vec<EventFd>,
     active: Vec<(Arc<IoThread>, SubscriberId)>,
+    io_error: Option<IoErrorHook>,
 }
 
 impl VirtioBlk {
@@ -109,6 +110,7 @@ impl VirtioBlk {
             writethrough: Arc::new(AtomicBool::new(false)),
             kicks,
             active: Vec::new(),
+            io_error: None,
         })
     }
 
@@ -120,6 +122,13 @@ impl VirtioBlk {
     /// The IOThreads the queues run on.
     pub fn iothreads(&self) -> &[Arc<IoThread>] {
         &self.iothreads
+    }
+
+    /// Reports the node's host I/O errors to `hook` (QMP's
+    /// `BLOCK_IO_ERROR`), from the queue handlers made at the next
+    /// activation on; queues already served keep their hook until then.
+    pub fn set_io_error_hook(&mut self, hook: Option<IoErrorHook>) {
+        self.io_error = hook;
     }
 
     /// Queues currently being served.
@@ -155,6 +164,7 @@ impl VirtioBlk {
         let mut handler = BlkQueueHandler::new(self.node.clone(), nq, &self.opts);
         let wt = self.writethrough.load(Ordering::SeqCst);
         handler.set_writethrough(wt);
+        handler.set_io_error_hook(self.io_error.clone());
         Ok(QueueWorker {
             id: format!("{}: queue {index}", self.id),
             index: index as u16,

@@ -127,7 +127,7 @@ pub fn node_stats(n: &dyn BlockNode) -> Value {
 }
 
 /// `BlockStats` of a node with its file child as `parent`, as QEMU nests them.
-fn block_stats(n: &dyn BlockNode) -> Value {
+pub fn block_stats(n: &dyn BlockNode) -> Value {
     let mut v = json!({"node-name": n.node_name(), "stats": node_stats(n)});
     if let Some(c) = n.children().first() {
         v["parent"] = block_stats(c.as_ref());

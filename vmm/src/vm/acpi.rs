@@ -3,15 +3,16 @@
 //! per vCPU and the IOAPIC), an MCFG for the ECAM of PCI segment 0, and a
 //! DSDT that lists COM1, every virtio-mmio device (`LNRO0005`, which is
 //! how a kernel without `VIRTIO_MMIO_CMDLINE_DEVICES` finds them), the PCI
-//! host bridge with its windows, the ECAM as a motherboard resource, and
-//! `\_S5_` so that Linux's `poweroff` knows which `SLP_TYP` to write.
+//! host bridge with its windows, the ECAM as a motherboard resource, the
+//! power button (`PNP0C0C`) behind a Generic Event Device (`ACPI0013`),
+//! and `\_S5_` so that Linux's `poweroff` knows which `SLP_TYP` to write.
 //!
 //! The tables live in the BIOS area at [`ACPI_START`], the RSDP first, so
 //! Linux finds them by scanning as well as through `boot_params`.
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, Arg, Device, EISAName, Equal, If, Interrupt,
+    Memory32Fixed, Method, Name, Notify, Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -39,6 +40,9 @@ pub struct AcpiConfig<'a> {
     pub mmio_devices: &'a [MmioSlot],
     /// The PCI host bridge's resources.
     pub pci: PciLayout,
+    /// The interrupt line of the power button's Generic Event Device
+    /// (`None`: no power button).
+    pub power_button_gsi: Option<u32>,
 }
 
 /// Why the tables could not be built.
@@ -184,6 +188,10 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         .to_aml_bytes(&mut sb);
     }
 
+    if let Some(gsi) = cfg.power_button_gsi {
+        power_button(gsi, &mut sb);
+    }
+
     let mut body = Vec::new();
     Scope::new("\\_SB_".into(), vec![&Raw(sb)]).to_aml_bytes(&mut body);
     Name::new(
@@ -194,6 +202,45 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut t = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     t.append_slice(&body);
     t.as_slice().to_vec()
+}
+
+/// The power button of a hardware-reduced platform (ACPI 6.5, 4.8.2.2.1.2:
+/// a control-method button, notified with 0x80 when pressed) and the
+/// Generic Event Device (5.6.9) whose interrupt on line `gsi` runs `_EVT`
+/// with the line's number, which notifies the button. Linux's evged
+/// driver serves the GED, its button driver turns the notification into
+/// KEY_POWER.
+fn power_button(gsi: u32, sb: &mut Vec<u8>) {
+    Device::new(
+        "PWRB".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0C0C")),
+            &Name::new("_UID".into(), &0u8),
+        ],
+    )
+    .to_aml_bytes(sb);
+    let button = Path::new("\\_SB_.PWRB");
+    let pressed = 0x80u8;
+    let notify = Notify::new(&button, &pressed);
+    let is_ours = Equal::new(&Arg(0), &gsi);
+    Device::new(
+        "GED0".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &0u8),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&Interrupt::new(true, true, false, false, gsi)]),
+            ),
+            &Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![&If::new(&is_ours, vec![&notify])],
+            ),
+        ],
+    )
+    .to_aml_bytes(sb);
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -281,6 +328,7 @@ mod tests {
             num_cpus: 2,
             mmio_devices: slots,
             pci: PciLayout::default(),
+            power_button_gsi: Some(9),
         }
     }
 
@@ -415,6 +463,13 @@ mod tests {
             "Device (MBRD)",
             "0xE0000000",
             "Name (\\_S5, Package (0x02)",
+            "Device (PWRB)",
+            "EisaId (\"PNP0C0C\")",
+            "Device (GED0)",
+            "\"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "If ((Arg0 == 0x09))",
+            "Notify (\\_SB.PWRB, 0x80)",
         ] {
             assert!(dsl.contains(want), "{want} missing from:\n{dsl}");
         }

@@ -25,8 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::irq::{KvmVmHooks, FIRST_DEVICE_GSI, IOAPIC_PINS, SERIAL_GSI};
 use super::layout;
 use super::legacy::{
-    AcpiSleep, ExitTrigger, SerialDevice, VmExitReason, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_LEN,
-    I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
+    AcpiSleep, ExitTrigger, PowerButton, SerialDevice, VmExitReason, ACPI_SLEEP_PORT,
+    ACPI_SLEEP_PORT_LEN, I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
 };
 
 /// A virtio-mmio device's place: its register window and interrupt line.
@@ -104,6 +104,7 @@ pub struct DeviceManager {
     device_irqs: IdAllocator,
     mmio_devices: Vec<MmioSlot>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    power_button: Option<Arc<PowerButton>>,
 }
 
 fn write_bus(bus: &RwLock<Bus>) -> std::sync::RwLockWriteGuard<'_, Bus> {
@@ -127,6 +128,7 @@ impl DeviceManager {
                 .expect("valid IRQ range"),
             mmio_devices: Vec::new(),
             serial: None,
+            power_button: None,
         }
     }
 
@@ -201,6 +203,29 @@ impl DeviceManager {
     /// COM1, once [`DeviceManager::add_legacy_devices`] placed it.
     pub fn serial(&self) -> Option<&Arc<Mutex<SerialDevice>>> {
         self.serial.as_ref()
+    }
+
+    /// The power button (its GED's interrupt line), once
+    /// [`DeviceManager::add_power_button`] wired it.
+    pub fn power_button(&self) -> Option<&Arc<PowerButton>> {
+        self.power_button.as_ref()
+    }
+
+    /// Wires the power button's Generic Event Device to an interrupt line
+    /// of its own (an irqfd), for the DSDT and QMP `system_powerdown`.
+    pub fn add_power_button(&mut self) -> Result<Arc<PowerButton>, DeviceManagerError> {
+        let gsi = self
+            .device_irqs
+            .allocate_id()
+            .map_err(DeviceManagerError::NoIrq)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| DeviceManagerError::Irq("power button", e))?;
+        self.hooks
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| DeviceManagerError::Irq("power button", e))?;
+        let b = Arc::new(PowerButton::new(irq, gsi));
+        self.power_button = Some(b.clone());
+        Ok(b)
     }
 
     /// COM1 (output to `serial_out`, interrupt on GSI 4 by irqfd), the

@@ -1,7 +1,8 @@
 //! The few legacy devices a microVM keeps, on the PIO bus: the 8250 UART
 //! (COM1, vm-superio), the i8042 controller's reset line (vm-superio), and
 //! the ACPI sleep control register of a hardware-reduced platform, whose S5
-//! write is how Linux powers off.
+//! write is how Linux powers off, and the power button behind the ACPI
+//! Generic Event Device (QMP `system_powerdown`).
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc::Sender;
@@ -36,6 +37,8 @@ pub enum VmExitReason {
     PowerOff,
     /// The i8042 reset command (the guest's `reboot` with `reboot=k`).
     Reset,
+    /// The host ended the VM (QMP `quit`).
+    Quit,
     /// Something the VM cannot continue from (a triple fault, a KVM error).
     Failed(String),
 }
@@ -72,6 +75,33 @@ impl Trigger for ExitTrigger {
         // The receiver is gone only when the VM is already stopping.
         let _ = self.tx.send(self.reason.clone());
         Ok(())
+    }
+}
+
+/// The power button of a hardware-reduced platform: an ACPI Generic
+/// Event Device (`ACPI0013`) whose interrupt line runs its `_EVT` method,
+/// which notifies the power button device (`PNP0C0C`) with 0x80, "button
+/// pressed" (ACPI 6.5, 5.6.9 and 4.8.2.2.1.2). The DSDT part is in
+/// [`super::acpi`]; this is the line.
+pub struct PowerButton {
+    irq: EventFd,
+    gsi: u32,
+}
+
+impl PowerButton {
+    /// A button whose GED interrupt is `irq`, an irqfd on line `gsi`.
+    pub fn new(irq: EventFd, gsi: u32) -> Self {
+        PowerButton { irq, gsi }
+    }
+
+    /// The GED's interrupt line.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    /// Presses the button: raises the GED's (edge-triggered) interrupt.
+    pub fn press(&self) -> io::Result<()> {
+        self.irq.write(1)
     }
 }
 

@@ -7,7 +7,10 @@
 //! the caller attaches devices through [`Vm::devices`] (and the RAM
 //! through [`Vm::memory`]); [`Vm::boot`] then loads the guest, writes the
 //! boot structures and the ACPI tables that describe the attached devices,
-//! and starts the vCPUs. [`RunningVm::wait`] returns why the VM stopped.
+//! and starts the vCPUs. [`RunningVm::wait`] returns why the VM stopped;
+//! meanwhile [`RunningVm::control`] pauses and resumes the vCPUs, presses
+//! the power button and ends the VM (what QMP's `stop`, `cont`,
+//! `system_powerdown` and `quit` do).
 
 pub mod acpi;
 pub mod device_manager;
@@ -23,8 +26,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::virtio_blk::GuestMem;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -34,9 +37,9 @@ use vm_memory::{Bytes, GuestAddress};
 use self::device_manager::{DeviceManager, DeviceManagerError};
 use self::irq::KvmVmHooks;
 use self::layout::RamRange;
-use self::legacy::VmExitReason;
+use self::legacy::{PowerButton, VmExitReason};
 use self::memory::{GuestRam, GuestRamError};
-use self::vcpu::{VcpuContext, VcpuError, VcpuThread};
+use self::vcpu::{VcpuContext, VcpuError, VcpuPause, VcpuThread};
 use self::x86_64::boot::{self, BootError, BootInfo, EntryPoint};
 
 /// Where the serial console goes.
@@ -173,6 +176,7 @@ impl Vm {
         let mut devices = DeviceManager::new(hooks);
         let (exits_tx, exits_rx) = channel();
         devices.add_legacy_devices(serial_output(&config.serial)?, exits_tx.clone())?;
+        devices.add_power_button()?;
         if config.serial == SerialOutput::Stdout {
             if let Some(serial) = devices.serial() {
                 legacy::forward_input(std::io::stdin(), serial.clone()).map_err(VmError::Input)?;
@@ -239,6 +243,7 @@ impl Vm {
             num_cpus: self.config.cpus,
             mmio_devices: self.devices.mmio_devices(),
             pci: self.devices.pci_layout(),
+            power_button_gsi: self.devices.power_button().map(|b| b.gsi()),
         })?;
         for (addr, bytes) in &tables.tables {
             mem.write_slice(bytes, GuestAddress(*addr))
@@ -275,6 +280,7 @@ impl Vm {
             mmio: self.devices.mmio_bus().clone(),
             exits: self.exits_tx.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(VcpuPause::default()),
         };
         let mut fds = Vec::new();
         for id in 0..self.config.cpus {
@@ -289,11 +295,109 @@ impl Vm {
         for (id, fd) in fds.into_iter().enumerate() {
             threads.push(VcpuThread::spawn(id as u8, fd, ctx.clone())?);
         }
+        let control = VmControl {
+            threads: Arc::new(Mutex::new(threads)),
+            pause: ctx.pause,
+            exits: self.exits_tx.clone(),
+            power_button: self.devices.power_button().cloned(),
+        };
         Ok(RunningVm {
             vm: self,
-            threads,
+            control,
             stop: ctx.stop,
         })
+    }
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, thiserror::Error)]
+pub enum VmControlError {
+    /// A vCPU did not leave `KVM_RUN` in time.
+    #[error("{parked} of {total} vCPUs stopped within {timeout:?}")]
+    PauseTimeout {
+        /// vCPUs that parked.
+        parked: usize,
+        /// All vCPUs.
+        total: usize,
+        /// How long they were given.
+        timeout: Duration,
+    },
+    /// The VM has no power button.
+    #[error("the VM has no power button")]
+    NoPowerButton,
+    /// Raising the button's interrupt failed.
+    #[error("could not press the power button")]
+    PowerButton(#[source] std::io::Error),
+}
+
+/// What the host can do to a running VM, from any thread.
+#[derive(Clone)]
+pub struct VmControl {
+    threads: Arc<Mutex<Vec<VcpuThread>>>,
+    pause: Arc<VcpuPause>,
+    exits: Sender<VmExitReason>,
+    power_button: Option<Arc<PowerButton>>,
+}
+
+/// How long a pause waits for the vCPUs to leave `KVM_RUN`.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VmControl {
+    /// Pauses every vCPU: each is kicked out of `KVM_RUN` and parks
+    /// before the next run. Devices (and their IOThreads) go on, so
+    /// requests in flight still complete. Returns false (doing nothing)
+    /// if the vCPUs were already paused.
+    pub fn pause(&self) -> Result<bool, VmControlError> {
+        if !self.pause.request() {
+            return Ok(false);
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            let total = threads.len();
+            let parked = self.pause.parked();
+            if parked >= total {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Err(VmControlError::PauseTimeout {
+                    parked,
+                    total,
+                    timeout: PAUSE_TIMEOUT,
+                });
+            }
+            // A kick that lands outside KVM_RUN is lost; kick again until
+            // every thread has parked.
+            for t in threads.iter() {
+                t.kick();
+            }
+            drop(threads);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets paused vCPUs run again. Returns false if they were not paused.
+    pub fn resume(&self) -> bool {
+        self.pause.resume()
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.pause.is_paused()
+    }
+
+    /// Presses the ACPI power button (the guest decides what to do).
+    pub fn press_power_button(&self) -> Result<(), VmControlError> {
+        self.power_button
+            .as_ref()
+            .ok_or(VmControlError::NoPowerButton)?
+            .press()
+            .map_err(VmControlError::PowerButton)
+    }
+
+    /// Ends the VM: [`RunningVm::wait`] returns [`VmExitReason::Quit`].
+    pub fn quit(&self) {
+        let _ = self.exits.send(VmExitReason::Quit);
     }
 }
 
@@ -301,12 +405,18 @@ impl Vm {
 pub struct RunningVm {
     // Keeps RAM, the VM fd and the devices alive while vCPUs run.
     vm: Vm,
-    threads: Vec<VcpuThread>,
+    control: VmControl,
     stop: Arc<AtomicBool>,
 }
 
 impl RunningVm {
-    /// Waits for the first reason to stop, then stops every vCPU.
+    /// What the host can do to the VM while it runs.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
+    }
+
+    /// Waits for the first reason to stop, then stops every vCPU (paused
+    /// ones too).
     pub fn wait(self) -> VmExitReason {
         let reason = self
             .vm
@@ -314,7 +424,15 @@ impl RunningVm {
             .recv()
             .unwrap_or_else(|_| VmExitReason::Failed("every vCPU thread ended".into()));
         self.stop.store(true, Ordering::Release);
-        for t in self.threads {
+        self.control.pause.wake_all();
+        let threads = std::mem::take(
+            &mut *self
+                .control
+                .threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for t in threads {
             // A vCPU that does not leave KVM_RUN within the timeout is
             // left to the process exit.
             t.stop(Duration::from_secs(2));

@@ -5,11 +5,13 @@
 //! all ones and drops writes, as on a PC). A triple fault, an internal KVM
 //! error or a failed entry ends the VM with a message that names the exit
 //! and the vCPU. To stop, the VMM sets the stop flag and kicks each thread
-//! with a signal, which makes `KVM_RUN` return `EINTR`.
+//! with a signal, which makes `KVM_RUN` return `EINTR`. To pause (QMP
+//! `stop`), it requests a pause from [`VcpuPause`] and kicks the same way;
+//! each thread parks between two runs until `cont` or the VM stops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use devices::bus::Bus;
@@ -117,6 +119,100 @@ pub struct VcpuContext {
     pub exits: Sender<VmExitReason>,
     /// Set when the VM stops; the thread leaves at its next exit.
     pub stop: Arc<AtomicBool>,
+    /// Pausing and resuming (QMP `stop` and `cont`).
+    pub pause: Arc<VcpuPause>,
+}
+
+/// The pause state the vCPU threads share with whoever pauses them.
+#[derive(Default)]
+pub struct VcpuPause {
+    /// Checked by each thread before every `KVM_RUN`, without the lock.
+    requested: AtomicBool,
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    /// Bumped by each pause request, so a thread still parked from the
+    /// last pause counts itself again.
+    generation: u64,
+    /// Threads parked since the current pause was requested.
+    parked: usize,
+    /// Threads that ended (they count as parked).
+    ended: usize,
+}
+
+impl VcpuPause {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU to park; they must then be kicked out of `KVM_RUN`
+    /// ([`VcpuThread::kick`]) until [`VcpuPause::parked`] counts them all.
+    /// Returns false if the vCPUs were already paused.
+    pub fn request(&self) -> bool {
+        let mut st = self.lock();
+        if st.paused {
+            return false;
+        }
+        st.paused = true;
+        st.generation += 1;
+        st.parked = 0;
+        self.requested.store(true, Ordering::Release);
+        true
+    }
+
+    /// How many vCPUs are parked (or have ended) since the pause was
+    /// requested.
+    pub fn parked(&self) -> usize {
+        let st = self.lock();
+        st.parked + st.ended
+    }
+
+    /// Whether the vCPUs are paused (or being paused).
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Lets the parked vCPUs run again. Returns false if they were not
+    /// paused.
+    pub fn resume(&self) -> bool {
+        let mut st = self.lock();
+        if !st.paused {
+            return false;
+        }
+        st.paused = false;
+        self.requested.store(false, Ordering::Release);
+        self.changed.notify_all();
+        true
+    }
+
+    /// Wakes parked threads so they can see the stop flag.
+    pub fn wake_all(&self) {
+        let _st = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Parks the calling vCPU thread while a pause is in force (and the
+    /// VM is not stopping).
+    fn park(&self, stop: &AtomicBool) {
+        let mut st = self.lock();
+        let mut counted = None;
+        while st.paused && !stop.load(Ordering::Acquire) {
+            if counted != Some(st.generation) {
+                counted = Some(st.generation);
+                st.parked += 1;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Counts a thread that ended, so a pause does not wait for it.
+    fn ended(&self) {
+        self.lock().ended += 1;
+    }
 }
 
 fn dispatch_read(bus: &RwLock<Bus>, addr: u64, data: &mut [u8]) {
@@ -160,6 +256,10 @@ fn suberror_name(sub: u32) -> &'static str {
 fn run_loop(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmExitReason> {
     let fail = |m: String| Some(VmExitReason::Failed(format!("vCPU {id}: {m}")));
     while !ctx.stop.load(Ordering::Acquire) {
+        if ctx.pause.requested.load(Ordering::Acquire) {
+            ctx.pause.park(&ctx.stop);
+            continue;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => dispatch_read(&ctx.pio, port.into(), data),
             Ok(VcpuExit::IoOut(port, data)) => dispatch_write(&ctx.pio, port.into(), data),
@@ -210,12 +310,23 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                if let Some(reason) = run_loop(id, &mut vcpu, &ctx) {
+                let reason = run_loop(id, &mut vcpu, &ctx);
+                ctx.pause.ended();
+                if let Some(reason) = reason {
                     let _ = ctx.exits.send(reason);
                 }
             })
             .map_err(|e| VcpuError::Thread(id, e))?;
         Ok(VcpuThread { handle })
+    }
+
+    /// Kicks the thread out of `KVM_RUN` once (a kick that lands outside
+    /// `KVM_RUN` is lost: callers repeat until the thread did what they
+    /// asked).
+    pub fn kick(&self) {
+        if !self.handle.is_finished() {
+            let _ = self.handle.kill(kick_signal());
+        }
     }
 
     /// Kicks the thread out of `KVM_RUN` until it ends (the stop flag must
