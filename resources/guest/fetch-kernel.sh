@@ -14,7 +14,8 @@
 #                                               (kvm-amd) and loop
 #
 # The wanted modules are $GUEST_MODULES (default: virtio-pci, virtio-mmio
-# and virtio-blk) and $L1_MODULES (default: kvm-amd, loop); their dependencies
+# and virtio-blk, and the ACPI power button with evdev, so a guest's
+# busybox acpid sees KEY_POWER) and $L1_MODULES (default: kvm-amd, loop); their dependencies
 # are found with `modinfo -F depends` and put before them. One download
 # serves both sets, so the nested harness's L1 and L2 run the same kernel.
 # Idempotent: does nothing when all of that is there. FORCE=1 fetches
@@ -23,7 +24,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${GUEST_OUT:-$here/../out/guest}
-wanted=${GUEST_MODULES:-virtio_pci virtio_mmio virtio_blk}
+wanted=${GUEST_MODULES:-virtio_pci virtio_mmio virtio_blk button evdev}
 wanted_l1=${L1_MODULES:-kvm_amd loop}
 
 mkdir -p "$out"

@@ -3,7 +3,7 @@
 # resources/out/nested/initramfs.cpio (cpio newc, uncompressed: under TCG
 # the L1 kernel copies it faster than it could gunzip it): busybox-static,
 # /init and /lib/nested.sh from this folder, /lib/blkvm.sh
-# (resources/guest/lib.sh), /bin/kvm-smoke, the KVM, loop and virtio modules
+# (resources/guest/lib.sh), /bin/kvm-smoke, /bin/qmp-send, the KVM, loop and virtio modules
 # that resources/guest/fetch-kernel.sh left in resources/out/guest, and
 # the L2 kernel /l2/vmlinuz (the same Debian kernel). No blkvm, no
 # /test.sh, no /l2/initrd: each test appends those (see README.md).
@@ -30,7 +30,7 @@ fi
 
 if [ "${FORCE:-0}" != 1 ] && [ -s "$target" ]; then
     stale=""
-    for f in "$busybox" "$here/init" "$here/lib.sh" "$here/kvm-smoke.c" "$here/build-initramfs.sh" \
+    for f in "$busybox" "$here/init" "$here/lib.sh" "$here/kvm-smoke.c" "$here/qmp-send.c" "$here/build-initramfs.sh" \
         "$here/../guest/lib.sh" "$guest/vmlinuz" "$guest"/modules/* "$guest"/l1-modules/*; do
         [ "$f" -nt "$target" ] && stale=1
     done
@@ -49,6 +49,7 @@ install -m 0755 "$here/init" "$stage/init"
 install -m 0644 "$here/../guest/lib.sh" "$stage/lib/blkvm.sh"
 install -m 0644 "$here/lib.sh" "$stage/lib/nested.sh"
 gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/kvm-smoke" "$here/kvm-smoke.c"
+gcc -static -O2 -Wall -Wextra -Werror -o "$stage/bin/qmp-send" "$here/qmp-send.c"
 cp "$guest"/l1-modules/*.ko "$guest/l1-modules/order" "$stage/lib/modules/l1/"
 cp "$guest"/modules/*.ko "$guest/modules/order" "$stage/lib/modules/virtio/"
 cp "$guest/vmlinuz" "$stage/l2/vmlinuz"
