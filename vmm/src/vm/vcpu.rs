@@ -346,3 +346,84 @@ impl VcpuThread {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Threads that do what a vCPU loop does with the pause state, and
+    /// count their "runs".
+    fn spawn(
+        n: usize,
+        pause: &Arc<VcpuPause>,
+        stop: &Arc<AtomicBool>,
+    ) -> (Vec<Arc<AtomicU64>>, Vec<std::thread::JoinHandle<()>>) {
+        let mut counters = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..n {
+            let (p, s, c) = (pause.clone(), stop.clone(), Arc::new(AtomicU64::new(0)));
+            counters.push(c.clone());
+            handles.push(std::thread::spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    if p.requested.load(Ordering::Acquire) {
+                        p.park(&s);
+                        continue;
+                    }
+                    c.fetch_add(1, Ordering::Relaxed);
+                    std::thread::yield_now();
+                }
+                p.ended();
+            }));
+        }
+        (counters, handles)
+    }
+
+    fn wait_parked(p: &VcpuPause, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.parked() < n {
+            assert!(Instant::now() < deadline, "only {} parked", p.parked());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn total(c: &[Arc<AtomicU64>]) -> u64 {
+        c.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    #[test]
+    fn paused_threads_park_until_resumed_and_every_pause_counts_them_again() {
+        let pause = Arc::new(VcpuPause::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counters, handles) = spawn(3, &pause, &stop);
+        for _ in 0..3 {
+            assert!(pause.request());
+            assert!(!pause.request(), "a second request is a no-op");
+            wait_parked(&pause, 3);
+            assert!(pause.is_paused());
+            let before = total(&counters);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(total(&counters), before, "a parked thread ran");
+            assert!(pause.resume());
+            assert!(!pause.resume(), "resuming twice is a no-op");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while total(&counters) == before {
+                assert!(Instant::now() < deadline, "nothing ran after resume");
+                std::thread::yield_now();
+            }
+        }
+        // Stopping wakes parked threads, and ended ones count as parked.
+        assert!(pause.request());
+        wait_parked(&pause, 3);
+        stop.store(true, Ordering::Release);
+        pause.wake_all();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(pause.resume());
+        assert!(pause.request());
+        assert_eq!(pause.parked(), 3);
+    }
+}
