@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use anyhow::{bail, Context, Result};
 use block::{BlockGraph, BlockNode, Request, RequestOp};
 use clap::Args;
+use devices::iothread::{IoThreadConfig, DEFAULT_POLL_MAX_NS};
 use devices::vhost_user_blk::VhostUserBlkBackend;
 use devices::virtio_blk::BlkOptions;
 use qapi::export::{BlockExportOptions, SocketAddress};
@@ -196,7 +197,15 @@ impl Daemon {
                 return Err(QmpError::generic(format!("Cannot find iothread '{io}'")));
             }
         }
-        let export = start_export(&mut st.graph, e, &self.events)
+        let iothread = e.iothread.as_ref().map(|io| {
+            let p = &self.iothreads[io];
+            IoThreadConfig {
+                poll_max_ns: p.poll_max_ns.unwrap_or(DEFAULT_POLL_MAX_NS),
+                poll_grow: p.poll_grow.unwrap_or(0),
+                poll_shrink: p.poll_shrink.unwrap_or(0),
+            }
+        });
+        let export = start_export(&mut st.graph, e, iothread, &self.events)
             .map_err(|err| QmpError::generic(format!("{err:#}")))?;
         st.exports.push(export);
         Ok(())
@@ -365,7 +374,12 @@ impl Monitor for Daemon {
     }
 }
 
-fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions, events: &Events) -> Result<Export> {
+fn start_export(
+    graph: &mut BlockGraph,
+    e: &BlockExportOptions,
+    iothread: Option<IoThreadConfig>,
+    events: &Events,
+) -> Result<Export> {
     let SocketAddress::Unix { path } = &e.addr;
     let lbs = e.logical_block_size.map_or(512, |s| s.0);
     if !(512..=65536).contains(&lbs) || !lbs.is_power_of_two() {
@@ -397,7 +411,7 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions, events: &Events)
         node.clone(),
         opts,
         graph.registrar().clone(),
-        e.iothread.is_some(),
+        iothread,
     )?;
     if e.writethrough {
         use vhost_user_backend::VhostUserBackend;
