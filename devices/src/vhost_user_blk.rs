@@ -221,6 +221,15 @@ impl VhostUserBlkBackend {
             .find(|&t| t != 0)
     }
 
+    /// Makes what the frontend wrote durable: a flush through the export's
+    /// first queue (call after [`VhostUserBlkBackend::quiesce`]).
+    pub fn flush(&self) -> Result<(), block::RequestError> {
+        match self.inner.queues.first() {
+            Some(q) => lock(&q.handler).flush_node(),
+            None => Ok(()),
+        }
+    }
+
     /// Requests started and completed, over all queues.
     pub fn requests(&self) -> u64 {
         self.inner

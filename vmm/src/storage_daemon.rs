@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
-use block::{BlockGraph, BlockNode, Request, RequestOp};
+use block::{BlockGraph, BlockNode, RequestOp};
 use clap::Args;
 use devices::iothread::{IoThreadConfig, DEFAULT_POLL_MAX_NS};
 use devices::vhost_user_blk::VhostUserBlkBackend;
@@ -522,7 +522,11 @@ fn new_daemon(
 fn stop_export(e: &mut Export) {
     e.backend.quiesce();
     eprintln!("{}", stats_line(e));
-    flush(e.node.as_ref());
+    // Through the export's own node queue: a libblkio node may have no
+    // queue to spare for a new one.
+    if let Err(err) = e.backend.flush() {
+        eprintln!("export '{}': final flush failed: {err}", e.id);
+    }
     e.stop.store(true, Ordering::SeqCst);
     if let Some(h) = e.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
         h.shutdown();
@@ -568,15 +572,4 @@ fn stats_line(e: &Export) -> String {
         registered,
         bounced
     )
-}
-
-fn flush(node: &dyn BlockNode) {
-    if node.read_only() {
-        return;
-    }
-    let Ok(mut q) = node.open_queue() else { return };
-    if q.submit(Request::flush()).is_ok() {
-        let mut done = Vec::new();
-        q.wait_completions(1, &mut done);
-    }
 }

@@ -242,6 +242,30 @@ impl BlkQueueHandler {
         self.done = done;
     }
 
+    /// Flushes the node through this handler's own queue and waits for it
+    /// (shutdown, after [`BlkQueueHandler::drain`]: nothing else is in
+    /// flight). Read-only devices have nothing to flush.
+    pub fn flush_node(&mut self) -> Result<(), RequestError> {
+        /// Tags the flush apart from guest requests (slot indices).
+        const FLUSH_TAG: u64 = u64::MAX;
+        if self.read_only {
+            return Ok(());
+        }
+        let mut req = Request::flush();
+        req.user_data = FLUSH_TAG;
+        self.queue.submit(req).map_err(|e| e.error)?;
+        let mut done = Vec::new();
+        loop {
+            self.queue.wait_completions(1, &mut done);
+            if let Some(i) = done.iter().position(|c| c.request.user_data == FLUSH_TAG) {
+                return done.swap_remove(i).result.map(|_| ());
+            }
+            if self.queue.in_flight() == 0 {
+                return Err(RequestError::Os(libc::EIO));
+            }
+        }
+    }
+
     /// Waits for every in-flight request and forgets it without touching
     /// the rings: the driver that owned them is gone (frontend disconnect).
     pub fn abandon(&mut self) {

@@ -300,6 +300,23 @@ fn busy_poll_serves_the_ring_without_kicks_and_hands_kicks_back() {
     assert_eq!(flags & 1, 0);
 }
 
+#[test]
+fn flush_node_flushes_through_the_handlers_own_queue() {
+    let mut r = rig("", BlkOptions::default());
+    let before = r.handler.node().stats().snapshot().flush.ops;
+    r.handler.flush_node().unwrap();
+    assert_eq!(r.handler.node().stats().snapshot().flush.ops, before + 1);
+    let mut ro = rig(
+        "",
+        BlkOptions {
+            read_only: true,
+            ..BlkOptions::default()
+        },
+    );
+    ro.handler.flush_node().unwrap();
+    assert_eq!(ro.handler.node().stats().snapshot().flush.ops, 0);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
