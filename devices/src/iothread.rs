@@ -101,6 +101,55 @@ impl PollList {
     }
 }
 
+/// QEMU's adaptive busy-poll time (`adjust_polling_time`), shared by the
+/// IOThread loop and the vhost-user export's workers.
+#[derive(Clone, Copy, Debug)]
+pub struct PollTime {
+    config: IoThreadConfig,
+    ns: u64,
+}
+
+impl PollTime {
+    /// Polling off until the first wait shows it would pay.
+    pub fn new(config: IoThreadConfig) -> Self {
+        PollTime { config, ns: 0 }
+    }
+
+    /// The current poll time, ns (0: do not poll).
+    pub fn ns(&self) -> u64 {
+        if self.config.poll_max_ns == 0 {
+            0
+        } else {
+            self.ns
+        }
+    }
+
+    /// Adapts to a wait of `block_ns` (from the start of polling to the
+    /// event that ended the wait): a wait polling would have covered keeps
+    /// the time, one within `poll-max-ns` grows it, a longer one shrinks it.
+    pub fn adapt(&mut self, block_ns: u64) {
+        let max = self.config.poll_max_ns;
+        if max == 0 || block_ns <= self.ns {
+            // Polling is off, or would have been enough (or was): keep it.
+        } else if block_ns > max {
+            self.ns = match self.config.poll_shrink {
+                0 => 0,
+                s => self.ns / s,
+            };
+        } else if self.ns < max {
+            let grow = match self.config.poll_grow {
+                0 => DEFAULT_POLL_GROW,
+                g => g,
+            };
+            self.ns = match self.ns {
+                0 => POLL_START_NS,
+                p => p.saturating_mul(grow),
+            }
+            .min(max);
+        }
+    }
+}
+
 /// Counters for tests and `query-iothreads`.
 #[derive(Default)]
 struct Stats {
@@ -140,7 +189,7 @@ impl IoThread {
             stop: stop.clone(),
             polls: polls.clone(),
             ids: Vec::new(),
-            poll_ns: 0,
+            poll: PollTime::new(config),
             stats: stats.clone(),
         };
         let t = tid.clone();
@@ -256,7 +305,7 @@ struct Loop {
     stop: Arc<AtomicBool>,
     polls: Arc<PollList>,
     ids: Vec<SubscriberId>,
-    poll_ns: u64,
+    poll: PollTime,
     stats: Arc<Stats>,
 }
 
@@ -268,7 +317,7 @@ impl Loop {
                     .clone_from(&self.polls.ids.lock().unwrap_or_else(|e| e.into_inner()));
             }
             let start = Instant::now();
-            let found = self.config.poll_max_ns > 0 && self.poll_ns > 0 && self.busy_poll(start);
+            let found = self.poll.ns() > 0 && self.busy_poll(start);
             let timeout = if found { 0 } else { -1 };
             if !found {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +335,7 @@ impl Loop {
 
     /// Runs the poll hooks until one finds work or the poll time is up.
     fn busy_poll(&mut self, start: Instant) -> bool {
-        let deadline = start + Duration::from_nanos(self.poll_ns);
+        let deadline = start + Duration::from_nanos(self.poll.ns());
         loop {
             let mut found = false;
             for id in &self.ids {
@@ -308,26 +357,8 @@ impl Loop {
     /// QEMU's `adjust_polling_time`: the time from the start of polling to
     /// the end of the wait decides whether polling longer would have paid.
     fn adapt(&mut self, block_ns: u64) {
-        let max = self.config.poll_max_ns;
-        if block_ns <= self.poll_ns {
-            // Polling would have been enough (or was): keep it.
-        } else if block_ns > max {
-            self.poll_ns = match self.config.poll_shrink {
-                0 => 0,
-                s => self.poll_ns / s,
-            };
-        } else if self.poll_ns < max {
-            let grow = match self.config.poll_grow {
-                0 => DEFAULT_POLL_GROW,
-                g => g,
-            };
-            self.poll_ns = match self.poll_ns {
-                0 => POLL_START_NS,
-                p => p.saturating_mul(grow),
-            }
-            .min(max);
-        }
-        self.stats.poll_ns.store(self.poll_ns, Ordering::Relaxed);
+        self.poll.adapt(block_ns);
+        self.stats.poll_ns.store(self.poll.ns(), Ordering::Relaxed);
     }
 }
 

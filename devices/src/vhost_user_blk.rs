@@ -14,18 +14,21 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use block::{BlockNode, MemoryRegion, RamRegistrar, RegionId};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::iothread::{IoThreadConfig, PollTime};
 use crate::virtio_blk::config::{self, BlkOptions, CONFIG_LEN};
-use crate::virtio_blk::{BlkQueueHandler, GuestMem};
+use crate::virtio_blk::{BlkHandlerError, BlkQueueHandler, GuestMem};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 
@@ -33,6 +36,12 @@ struct Queue {
     handler: Mutex<BlkQueueHandler>,
     /// The vring, captured at its first event so `stop_vring` can drain.
     vring: Mutex<Option<Vring>>,
+}
+
+struct PollState {
+    time: PollTime,
+    /// When the worker returned to its epoll wait after polling.
+    slept_at: Option<Instant>,
 }
 
 struct Inner {
@@ -51,6 +60,9 @@ struct Inner {
     writeback: Mutex<bool>,
     /// Thread id of each worker thread, as seen at its last event (0 before).
     worker_tids: Vec<std::sync::atomic::AtomicI32>,
+    /// Each worker thread's adaptive busy-poll time and when it last went
+    /// back to sleep.
+    polls: Vec<Mutex<PollState>>,
     /// Set on shutdown: no new requests are started.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -73,14 +85,22 @@ pub enum VhostUserBlkError {
 }
 
 impl VhostUserBlkBackend {
-    /// A backend for `node`; `one_thread` puts all queues on one worker.
+    /// A backend for `node`. With `iothread` (the export's `--object
+    /// iothread` properties) all queues share one worker thread that
+    /// busy-polls as that IOThread would (`poll-max-ns`); without, each
+    /// queue has its own worker and none polls (QEMU's main loop does not).
     pub fn new(
         name: &str,
         node: Arc<dyn BlockNode>,
         opts: BlkOptions,
         registrar: RamRegistrar,
-        one_thread: bool,
+        iothread: Option<IoThreadConfig>,
     ) -> Result<Self, VhostUserBlkError> {
+        let one_thread = iothread.is_some();
+        let poll = iothread.unwrap_or(IoThreadConfig {
+            poll_max_ns: 0,
+            ..IoThreadConfig::default()
+        });
         let read_only = opts.read_only || node.read_only();
         let n = usize::from(opts.num_queues.max(1));
         let mut queues = Vec::with_capacity(n);
@@ -106,6 +126,15 @@ impl VhostUserBlkBackend {
                 opts,
                 features,
                 queues,
+                polls: thread_queues
+                    .iter()
+                    .map(|_| {
+                        Mutex::new(PollState {
+                            time: PollTime::new(poll),
+                            slept_at: None,
+                        })
+                    })
+                    .collect(),
                 worker_tids: thread_queues
                     .iter()
                     .map(|_| std::sync::atomic::AtomicI32::new(0))
@@ -192,6 +221,15 @@ impl VhostUserBlkBackend {
             .find(|&t| t != 0)
     }
 
+    /// Makes what the frontend wrote durable: a flush through the export's
+    /// first queue (call after [`VhostUserBlkBackend::quiesce`]).
+    pub fn flush(&self) -> Result<(), block::RequestError> {
+        match self.inner.queues.first() {
+            Some(q) => lock(&q.handler).flush_node(),
+            None => Ok(()),
+        }
+    }
+
     /// Requests started and completed, over all queues.
     pub fn requests(&self) -> u64 {
         self.inner
@@ -259,6 +297,102 @@ impl VhostUserBlkBackend {
             vring.signal_used_queue()?;
         }
         Ok(())
+    }
+}
+
+impl VhostUserBlkBackend {
+    /// QEMU's busy polling, after an event and before the worker sleeps
+    /// again: with the driver's kicks turned off, watch the avail rings
+    /// and the node queues of this worker's queues until the adaptive poll
+    /// time passes with nothing to do; then turn kicks back on (and serve
+    /// what raced with that).
+    fn busy_poll(&self, thread_id: usize, mine: &[usize], vrings: &[Vring]) -> io::Result<()> {
+        let inner = &self.inner;
+        let Some(state) = inner.polls.get(thread_id) else {
+            return Ok(());
+        };
+        let mut state = lock(state);
+        let now = Instant::now();
+        if let Some(t) = state.slept_at.take() {
+            let block_ns = now.duration_since(t).as_nanos().min(u128::from(u64::MAX)) as u64;
+            state.time.adapt(block_ns);
+        }
+        let poll_ns = state.time.ns();
+        if poll_ns == 0 || inner.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            state.slept_at = Some(now);
+            return Ok(());
+        }
+        let mem = inner.mem.memory().into_inner();
+        self.for_each_queue(mine, vrings, |q, _| {
+            BlkQueueHandler::set_guest_notifications(q, &mem, false).map(|_| (false, false))
+        })?;
+        let budget = Duration::from_nanos(poll_ns);
+        let mut idle_from = Instant::now();
+        loop {
+            let moved = self.for_each_queue(mine, vrings, |q, h| h.poll_once(q, &mem))?;
+            let t = Instant::now();
+            if moved {
+                idle_from = t;
+            } else if t.duration_since(idle_from) >= budget
+                || inner.stopping.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let raced = self.for_each_queue(mine, vrings, |q, _| {
+            BlkQueueHandler::set_guest_notifications(q, &mem, true).map(|r| (r, false))
+        })?;
+        // The time the worker now sleeps counts from the poll's start, as
+        // QEMU measures it: a wait polling would have covered is short.
+        state.slept_at = Some(idle_from);
+        drop(state);
+        if raced {
+            for (local, &q) in mine.iter().enumerate() {
+                self.run_queue(q, &vrings[local])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on each of a worker's queues (queue, handler); `f` says
+    /// whether something moved and whether to notify the frontend, which
+    /// happens once the vring is unlocked. Returns whether anything moved.
+    /// A queue error stops the queue as [`VhostUserBlkBackend::run_queue`]
+    /// does.
+    fn for_each_queue(
+        &self,
+        mine: &[usize],
+        vrings: &[Vring],
+        mut f: impl FnMut(
+            &mut virtio_queue::Queue,
+            &mut BlkQueueHandler,
+        ) -> Result<(bool, bool), BlkHandlerError>,
+    ) -> io::Result<bool> {
+        let mut any = false;
+        for (local, &q) in mine.iter().enumerate() {
+            let vring = &vrings[local];
+            let mut h = lock(&self.inner.queues[q].handler);
+            let mut state = vring.get_mut();
+            if !state.get_queue().ready() {
+                continue;
+            }
+            let r = f(state.get_queue_mut(), &mut h);
+            drop(state);
+            drop(h);
+            let (moved, notify) = r.map_err(|e| {
+                eprintln!(
+                    "{}: queue {q}: {e}; the queue stops until the frontend resets it",
+                    self.inner.name
+                );
+                io::Error::other(e)
+            })?;
+            if notify {
+                vring.signal_used_queue()?;
+            }
+            any |= moved;
+        }
+        Ok(any)
     }
 }
 
@@ -405,12 +539,13 @@ impl VhostUserBackend for VhostUserBlkBackend {
         let nq = self.inner.queues.len();
         let ev = usize::from(device_event);
         if ev < mine.len() {
-            return self.run_queue(mine[ev], &vrings[ev]);
-        }
-        let Some(local) = ev.checked_sub(nq + 1).filter(|l| *l < mine.len()) else {
+            self.run_queue(mine[ev], &vrings[ev])?;
+        } else if let Some(local) = ev.checked_sub(nq + 1).filter(|l| *l < mine.len()) {
+            self.complete_queue(mine[local], &vrings[local])?;
+        } else {
             return Ok(());
-        };
-        self.complete_queue(mine[local], &vrings[local])
+        }
+        self.busy_poll(thread_id, mine, vrings)
     }
 }
 

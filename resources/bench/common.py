@@ -70,22 +70,26 @@ class Daemon:
         self.proc.wait(timeout=30)
 
 
-def blkvm_daemon(node_args, sock, node="d0"):
-    cmd = [BLKVM, "storage-daemon"]
+def export_args(node_args, sock, node="d0", iothread=None):
+    """Daemon arguments shared by both storage daemons: the nodes, and one
+    export, on an iothread with poll-max-ns `iothread` when given."""
+    cmd = []
     for b in node_args:
         cmd += ["--blockdev", b]
-    cmd += ["--export", f"type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,"
-                        f"addr.path={sock},writable=on"]
-    return Daemon(cmd, sock)
+    export = (f"type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,"
+              f"addr.path={sock},writable=on")
+    if iothread is not None:
+        cmd += ["--object", f"iothread,id=io0,poll-max-ns={iothread}"]
+        export += ",iothread=io0"
+    return cmd + ["--export", export]
 
 
-def qsd_daemon(node_args, sock, node="d0"):
-    cmd = ["qemu-storage-daemon"]
-    for b in node_args:
-        cmd += ["--blockdev", b]
-    cmd += ["--export", f"type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,"
-                        f"addr.path={sock},writable=on"]
-    return Daemon(cmd, sock)
+def blkvm_daemon(node_args, sock, node="d0", iothread=None):
+    return Daemon([BLKVM, "storage-daemon", *export_args(node_args, sock, node, iothread)], sock)
+
+
+def qsd_daemon(node_args, sock, node="d0", iothread=None):
+    return Daemon(["qemu-storage-daemon", *export_args(node_args, sock, node, iothread)], sock)
 
 
 def median(xs):

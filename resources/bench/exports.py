@@ -32,6 +32,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--iothread", type=int, default=None, metavar="POLL_MAX_NS",
+                    help="serve both exports from an iothread with this poll-max-ns "
+                         "(QEMU's default is 32768); default: no iothread")
+    ap.add_argument("--backing", choices=["null-co", "file"], action="append",
+                    help="only these backings (repeatable)")
     a = ap.parse_args()
     common.build()
     img = common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
@@ -39,11 +44,13 @@ def main():
     client = f"virtio-blk-vhost-user,path={sock},node-name=v0"
     rows = []
     for backing, nodes in backings(img).items():
+        if a.backing and backing not in a.backing:
+            continue
         for name, bs, depth in WORKLOADS:
             runs = {"blkvm": [], "qsd": []}
             for _ in range(a.rounds):
                 for who, start in (("blkvm", common.blkvm_daemon), ("qsd", common.qsd_daemon)):
-                    d = start(nodes, sock)
+                    d = start(nodes, sock, iothread=a.iothread)
                     try:
                         runs[who].append(common.bench(client, "randread", bs, depth, a.runtime)["iops"])
                     finally:
@@ -57,8 +64,10 @@ def main():
     if a.json:
         print(json.dumps(rows, indent=2))
         return
+    where = ("no iothread" if a.iothread is None
+             else f"both exports on an iothread with poll-max-ns={a.iothread}")
     print(f"Medians of {a.rounds} interleaved rounds of {a.runtime:g} s; IOPS; client: "
-          "blkvm bench via libblkio virtio-blk-vhost-user, registered buffers.\n")
+          f"blkvm bench via libblkio virtio-blk-vhost-user, registered buffers; {where}.\n")
     print(common.table(["backing", "workload", "blkvm storage-daemon", "qemu-storage-daemon",
                         "ratio"],
                        [[r["backing"], r["workload"], f"{r['blkvm']:.0f}", f"{r['qsd']:.0f}",

@@ -11,6 +11,7 @@ as QEMU's clients expect.
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import socket
@@ -21,6 +22,15 @@ import time
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 ARGS = None
+# Every process a scenario starts, killed at exit whatever happened.
+CHILDREN = []
+
+
+@atexit.register
+def _kill_children():
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.kill()
 
 
 class Daemon:
@@ -39,6 +49,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [ARGS.blkvm, "storage-daemon", *args, *qmp],
             stdout=self.log, stderr=subprocess.STDOUT)
+        CHILDREN.append(self.proc)
         wait_for(lambda: os.path.exists(self.qmp_path) or self.proc.poll() is not None,
                  f"{name}'s QMP socket")
         if self.proc.poll() is not None:
@@ -92,7 +103,9 @@ def bench(*args, runtime=None, count=None):
         cmd += ["--runtime", str(runtime)]
     if count is not None:
         cmd += ["--count", str(count)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    CHILDREN.append(p)
+    return p
 
 
 def bench_result(p, timeout=60):

@@ -128,6 +128,9 @@ pub struct VhostUserBlkExport {
     pub cache_direct: bool,
     /// `discard=unmap` on both nodes (guest discards reach the image).
     pub discard_unmap: bool,
+    /// An `--object iothread` of its own with this `poll-max-ns`, serving
+    /// all of the export's queues.
+    pub iothread_poll_max_ns: Option<u64>,
 }
 
 impl VhostUserBlkExport {
@@ -143,7 +146,15 @@ impl VhostUserBlkExport {
             aio: "io_uring",
             cache_direct: true,
             discard_unmap: false,
+            iothread_poll_max_ns: None,
         }
+    }
+
+    /// Serves the export from an iothread of its own that busy-polls for
+    /// up to `poll_max_ns` (QEMU's `poll-max-ns`).
+    pub fn iothread(mut self, poll_max_ns: u64) -> Self {
+        self.iothread_poll_max_ns = Some(poll_max_ns);
+        self
     }
 
     /// Passes guest discards down to the image (`discard=unmap`).
@@ -184,25 +195,33 @@ impl VhostUserBlkExport {
         if let Some(size) = self.logical_block_size {
             export.push_str(&format!(",logical-block-size={size}"));
         }
+        let mut object = Vec::new();
+        if let Some(ns) = self.iothread_poll_max_ns {
+            export.push_str(&format!(",iothread=io{n}"));
+            object.push("--object".to_owned());
+            object.push(format!("iothread,id=io{n},poll-max-ns={ns}"));
+        }
         let discard = if self.discard_unmap {
             ",discard=unmap"
         } else {
             ""
         };
-        [
-            "--blockdev".to_owned(),
-            format!(
-                "driver=file,node-name=f{n},filename={image},aio={},cache.direct={}{discard}",
-                self.aio,
-                onoff(self.cache_direct)
-            ),
-            "--blockdev".to_owned(),
-            format!("driver=raw,node-name=d{n},file=f{n}{discard}"),
-            "--export".to_owned(),
-            export,
-        ]
-        .map(OsString::from)
-        .into()
+        object
+            .into_iter()
+            .chain([
+                "--blockdev".to_owned(),
+                format!(
+                    "driver=file,node-name=f{n},filename={image},aio={},cache.direct={}{discard}",
+                    self.aio,
+                    onoff(self.cache_direct)
+                ),
+                "--blockdev".to_owned(),
+                format!("driver=raw,node-name=d{n},file=f{n}{discard}"),
+                "--export".to_owned(),
+                export,
+            ])
+            .map(OsString::from)
+            .collect()
     }
 
     /// The guest disk that connects to this export, with as many queues

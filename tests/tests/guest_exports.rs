@@ -104,8 +104,11 @@ fn blkvm_second_guest_reaches_the_exports_after_the_first_is_killed() -> Result<
 
 fn second_guest_reaches_the_exports_after_the_first_is_killed(backend: Backend) -> Result<()> {
     let dir = tempfile::tempdir()?;
+    // Two queues on one busy-polling iothread: the poller must serve both
+    // and hand the guest's kicks back when it sleeps.
     let rw = VhostUserBlkExport::new(dir.path().join("rw.img"), dir.path().join("rw.sock"))
-        .num_queues(2);
+        .num_queues(2)
+        .iothread(32768);
     let ro = VhostUserBlkExport::new(dir.path().join("ro.img"), dir.path().join("ro.sock"))
         .read_only()
         .logical_block_size(4096);

@@ -12,8 +12,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
-use block::{BlockGraph, BlockNode, Request, RequestOp};
+use block::{BlockGraph, BlockNode, RequestOp};
 use clap::Args;
+use devices::iothread::{IoThreadConfig, DEFAULT_POLL_MAX_NS};
 use devices::vhost_user_blk::VhostUserBlkBackend;
 use devices::virtio_blk::BlkOptions;
 use qapi::export::{BlockExportOptions, SocketAddress};
@@ -196,7 +197,15 @@ impl Daemon {
                 return Err(QmpError::generic(format!("Cannot find iothread '{io}'")));
             }
         }
-        let export = start_export(&mut st.graph, e, &self.events)
+        let iothread = e.iothread.as_ref().map(|io| {
+            let p = &self.iothreads[io];
+            IoThreadConfig {
+                poll_max_ns: p.poll_max_ns.unwrap_or(DEFAULT_POLL_MAX_NS),
+                poll_grow: p.poll_grow.unwrap_or(0),
+                poll_shrink: p.poll_shrink.unwrap_or(0),
+            }
+        });
+        let export = start_export(&mut st.graph, e, iothread, &self.events)
             .map_err(|err| QmpError::generic(format!("{err:#}")))?;
         st.exports.push(export);
         Ok(())
@@ -365,7 +374,12 @@ impl Monitor for Daemon {
     }
 }
 
-fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions, events: &Events) -> Result<Export> {
+fn start_export(
+    graph: &mut BlockGraph,
+    e: &BlockExportOptions,
+    iothread: Option<IoThreadConfig>,
+    events: &Events,
+) -> Result<Export> {
     let SocketAddress::Unix { path } = &e.addr;
     let lbs = e.logical_block_size.map_or(512, |s| s.0);
     if !(512..=65536).contains(&lbs) || !lbs.is_power_of_two() {
@@ -397,7 +411,7 @@ fn start_export(graph: &mut BlockGraph, e: &BlockExportOptions, events: &Events)
         node.clone(),
         opts,
         graph.registrar().clone(),
-        e.iothread.is_some(),
+        iothread,
     )?;
     if e.writethrough {
         use vhost_user_backend::VhostUserBackend;
@@ -508,7 +522,11 @@ fn new_daemon(
 fn stop_export(e: &mut Export) {
     e.backend.quiesce();
     eprintln!("{}", stats_line(e));
-    flush(e.node.as_ref());
+    // Through the export's own node queue: a libblkio node may have no
+    // queue to spare for a new one.
+    if let Err(err) = e.backend.flush() {
+        eprintln!("export '{}': final flush failed: {err}", e.id);
+    }
     e.stop.store(true, Ordering::SeqCst);
     if let Some(h) = e.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
         h.shutdown();
@@ -554,15 +572,4 @@ fn stats_line(e: &Export) -> String {
         registered,
         bounced
     )
-}
-
-fn flush(node: &dyn BlockNode) {
-    if node.read_only() {
-        return;
-    }
-    let Ok(mut q) = node.open_queue() else { return };
-    if q.submit(Request::flush()).is_ok() {
-        let mut done = Vec::new();
-        q.wait_completions(1, &mut done);
-    }
 }

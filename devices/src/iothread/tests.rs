@@ -181,35 +181,38 @@ fn busy_poll_grows_finds_work_before_epoll_and_shrinks_after_idling() {
 
 #[test]
 fn adapt_follows_qemus_rules() {
-    let stats = Arc::new(Stats::default());
-    let mut lp = Loop {
-        em: EventManager::new().unwrap(),
-        config: IoThreadConfig {
-            poll_max_ns: 32768,
-            poll_grow: 0,
-            poll_shrink: 2,
-        },
-        stop: Arc::default(),
-        polls: Arc::default(),
-        ids: Vec::new(),
-        poll_ns: 0,
-        stats,
+    let config = IoThreadConfig {
+        poll_max_ns: 32768,
+        poll_grow: 0,
+        poll_shrink: 2,
     };
-    lp.adapt(1000);
-    assert_eq!(lp.poll_ns, 4000, "starts at 4 us");
-    lp.adapt(3000);
-    assert_eq!(lp.poll_ns, 4000, "polling was enough");
-    lp.adapt(10_000);
-    assert_eq!(lp.poll_ns, 8000, "doubles by default");
+    let mut p = PollTime::new(config);
+    p.adapt(1000);
+    assert_eq!(p.ns(), 4000, "starts at 4 us");
+    p.adapt(3000);
+    assert_eq!(p.ns(), 4000, "polling was enough");
+    p.adapt(10_000);
+    assert_eq!(p.ns(), 8000, "doubles by default");
     for _ in 0..5 {
-        lp.adapt(32_768);
+        p.adapt(32_768);
     }
-    assert_eq!(lp.poll_ns, 32768, "clamped at poll-max-ns");
-    lp.adapt(1_000_000);
-    assert_eq!(lp.poll_ns, 16384, "shrinks by poll-shrink");
-    lp.config.poll_shrink = 0;
-    lp.adapt(1_000_000);
-    assert_eq!(lp.poll_ns, 0, "drops to 0 without poll-shrink");
+    assert_eq!(p.ns(), 32768, "clamped at poll-max-ns");
+    p.adapt(1_000_000);
+    assert_eq!(p.ns(), 16384, "shrinks by poll-shrink");
+    let mut p = PollTime::new(IoThreadConfig {
+        poll_shrink: 0,
+        ..config
+    });
+    p.adapt(10_000);
+    assert_eq!(p.ns(), 4000);
+    p.adapt(1_000_000);
+    assert_eq!(p.ns(), 0, "drops to 0 without poll-shrink");
+    let mut off = PollTime::new(IoThreadConfig {
+        poll_max_ns: 0,
+        ..config
+    });
+    off.adapt(10);
+    assert_eq!(off.ns(), 0, "poll-max-ns=0 never polls");
 }
 
 #[test]

@@ -178,6 +178,59 @@ impl BlkQueueHandler {
                 .map_err(BlkHandlerError::Queue)?)
     }
 
+    /// One busy-poll step: completes what the node finished and starts
+    /// what the driver made available, leaving the guest's notification
+    /// state alone (the poller turned kicks off with
+    /// [`BlkQueueHandler::set_guest_notifications`]). Returns whether
+    /// anything moved, and whether to notify the guest.
+    pub fn poll_once(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> Result<(bool, bool), BlkHandlerError> {
+        let mut done = std::mem::take(&mut self.done);
+        let completed = self.queue.poll_completions(&mut done) > 0;
+        self.complete(&mut done, queue, mem);
+        self.done = done;
+        let avail = queue
+            .avail_idx(mem.as_ref(), std::sync::atomic::Ordering::Acquire)
+            .map_err(BlkHandlerError::Queue)?;
+        let mut used = completed;
+        let started = avail.0 != queue.next_avail();
+        if started {
+            check_avail(queue, mem)?;
+            while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
+                used |= self.start(chain, queue, mem);
+            }
+            self.queue.kick();
+        }
+        let notify = used
+            && queue
+                .needs_notification(mem.as_ref())
+                .map_err(BlkHandlerError::Queue)?;
+        Ok((completed || started, notify))
+    }
+
+    /// Turns the driver's kicks off while a poller watches the avail ring,
+    /// or back on. Turning them on returns whether entries arrived that
+    /// the poller has not seen (then the caller processes the queue).
+    pub fn set_guest_notifications(
+        queue: &mut Queue,
+        mem: &GuestMem,
+        on: bool,
+    ) -> Result<bool, BlkHandlerError> {
+        if on {
+            queue
+                .enable_notification(mem)
+                .map_err(BlkHandlerError::Queue)
+        } else {
+            queue
+                .disable_notification(mem)
+                .map_err(BlkHandlerError::Queue)?;
+            Ok(false)
+        }
+    }
+
     /// Waits for every in-flight request and completes it (device stop,
     /// reset, shutdown).
     pub fn drain(&mut self, queue: &mut Queue, mem: &GuestMem) {
@@ -187,6 +240,30 @@ impl BlkQueueHandler {
             self.complete(&mut done, queue, mem);
         }
         self.done = done;
+    }
+
+    /// Flushes the node through this handler's own queue and waits for it
+    /// (shutdown, after [`BlkQueueHandler::drain`]: nothing else is in
+    /// flight). Read-only devices have nothing to flush.
+    pub fn flush_node(&mut self) -> Result<(), RequestError> {
+        /// Tags the flush apart from guest requests (slot indices).
+        const FLUSH_TAG: u64 = u64::MAX;
+        if self.read_only {
+            return Ok(());
+        }
+        let mut req = Request::flush();
+        req.user_data = FLUSH_TAG;
+        self.queue.submit(req).map_err(|e| e.error)?;
+        let mut done = Vec::new();
+        loop {
+            self.queue.wait_completions(1, &mut done);
+            if let Some(i) = done.iter().position(|c| c.request.user_data == FLUSH_TAG) {
+                return done.swap_remove(i).result.map(|_| ());
+            }
+            if self.queue.in_flight() == 0 {
+                return Err(RequestError::Os(libc::EIO));
+            }
+        }
     }
 
     /// Waits for every in-flight request and forgets it without touching
