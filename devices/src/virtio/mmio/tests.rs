@@ -376,11 +376,15 @@ fn a_polling_iothread_serves_requests_without_a_doorbell() {
     let irq = f.hooks.irqfd(GSI).unwrap();
     setup(&mut f.t, &mem, &[0]);
     let mq = ring(&mem, 0);
-    // Kicked requests until the poll time has grown.
+    // Kicked requests, each after a 10 ms pause that outlasts the poll,
+    // until the poll time has grown (4 us, 4 ms, then the 200 ms cap): a
+    // poll window far longer than a busy machine keeps this thread off
+    // its CPU, so the request below cannot miss it.
     let mut n = 0u16;
-    while io.poll_ns() < 1_000_000 {
+    while io.poll_ns() < 100_000_000 {
         assert!(n < QSIZE / 3 - 1, "poll time did not grow");
         mq.set_used_event(&mem, n);
+        std::thread::sleep(std::time::Duration::from_millis(10));
         push_read(&mem, &mq, n, u64::from(n), 512);
         f.hooks.doorbell(BASE + reg::QUEUE_NOTIFY, 0);
         n += 1;
