@@ -184,7 +184,9 @@ impl NodeQueue for NullQueue {
                     let _ = timer.reset(Duration::ZERO, None);
                 }
             }
-        } else {
+        } else if self.ready.len() > 0 {
+            // The eventfd is readable exactly while completions wait, so a
+            // busy poller with nothing ready makes no system call.
             clear_eventfd(&self.eventfd);
             self.ready.drain_into(out);
         }

@@ -31,3 +31,18 @@ md5() {
         dd if="$1" bs=1M iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1
     fi
 }
+
+# power_button_poweroff: arms busybox acpid so that the ACPI power button
+# (blkvm's and QEMU's system_powerdown) powers the guest off, reporting
+# `power.button=acpid` first. Needs the button and evdev modules.
+power_button_poweroff() {
+    mkdir -p /etc/acpi/PWRF
+    cat >/etc/acpi/PWRF/00000080 <<'EOS'
+#!/bin/sh
+echo "BLKVM-RESULT power.button=acpid" >/dev/console
+sync
+poweroff -f
+EOS
+    chmod +x /etc/acpi/PWRF/00000080
+    acpid -d 2>/dev/console &
+}

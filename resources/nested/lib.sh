@@ -83,3 +83,24 @@ loop_image() {
 image_md5() {
     md5sum <"$1" | cut -d' ' -f1
 }
+
+# wait_line PATTERN FILE: waits (up to 120 s) for a line matching PATTERN
+# (grep) in FILE; fails with a BLKVM-ERROR line naming both otherwise.
+wait_line() {
+    wait_i=0
+    until grep -q "$1" "$2" 2>/dev/null; do
+        wait_i=$((wait_i + 1))
+        [ $wait_i -lt 1200 ] || { echo "BLKVM-ERROR no '$1' in $2"; return 1; }
+        sleep 0.1
+    done
+}
+
+# thread_io PID: for each thread of PID, one `thread.TID.COMM` result with
+# its I/O counters from /proc/PID/task/TID/io (rchar wchar syscr syscw
+# read_bytes write_bytes, in that order, space-separated).
+thread_io() {
+    for t in /proc/"$1"/task/*; do
+        c=$(tr ' ' _ <"$t/comm")
+        result "thread.${t##*/}.$c" "$(awk '{ printf "%s ", $2 }' "$t/io")"
+    done
+}

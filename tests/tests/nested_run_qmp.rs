@@ -16,8 +16,8 @@
 use anyhow::{ensure, Result};
 use tests::{NestedOutput, NestedVm};
 
-/// L2: reports the disk's size, arms busybox acpid (its power button
-/// action is /etc/acpi/PWRF/00000080), says it is ready, waits for the
+/// L2: reports the disk's size, arms busybox acpid for the power button
+/// (`power_button_poweroff`), says it is ready, waits for the
 /// size to change and reports it, writes to the 16 MiB disk (which fails
 /// on the host), then waits for the power button. Reaching the end of the
 /// script (no button) is a failure.
@@ -29,16 +29,8 @@ for d in /sys/block/vd*; do
     esac
 done
 result disk.size.before "$(cat /sys/block/$resized/size)"
-mkdir -p /etc/acpi/PWRF
-cat >/etc/acpi/PWRF/00000080 <<'EOF'
-#!/bin/sh
-echo "BLKVM-RESULT power.button=acpid" >/dev/console
-sync
-poweroff -f
-EOF
-chmod +x /etc/acpi/PWRF/00000080
 result input.devices "$(cat /sys/class/input/*/name 2>/dev/null | tr '\n' ',')"
-acpid -d 2>/dev/console &
+power_button_poweroff
 result l2.ready 1
 i=0
 while [ "$(cat /sys/block/$resized/size)" = 131072 ] && [ $i -lt 600 ]; do
@@ -75,15 +67,6 @@ sock=/tmp/qmp.sock
     --device virtio-blk-pci,id=disk0,drive=d0,iothread=io0 \
     --device virtio-blk-pci,id=full,drive=full0 \
     --qmp "unix:$sock,server=on,wait=off" || true; } | tee /tmp/l2.out &
-
-wait_line() {
-    i=0
-    until grep -q "$1" "$2"; do
-        i=$((i + 1))
-        [ $i -lt 1200 ] || { echo "BLKVM-ERROR no '$1' in $2"; return 1; }
-        sleep 0.1
-    done
-}
 wait_line "L2| BLKVM-RESULT l2.ready" /tmp/l2.out
 QMP_SEND_TIMEOUT=120 qmp-send "$sock" wait:BLOCK_IO_ERROR >/tmp/ioerr.out 2>&1 &
 wait_line '"return"' /tmp/ioerr.out
