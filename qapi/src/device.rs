@@ -45,6 +45,9 @@ pub struct DeviceOptions {
     pub drive: String,
     /// The IOThread that runs the device's queues (an `--object iothread` id).
     pub iothread: Option<String>,
+    /// QEMU's `iothread-vq-mapping`: the queues spread over several
+    /// IOThreads, round-robin or as each entry's `vqs` say.
+    pub iothread_vq_mapping: Option<Vec<IothreadVqMapping>>,
     /// Number of virtqueues.
     pub num_queues: Option<u16>,
     /// Size of each virtqueue.
@@ -63,6 +66,16 @@ pub struct DeviceOptions {
     pub write_zeroes: Option<bool>,
     /// Offer CONFIG_WCE (the guest may switch the write cache).
     pub config_wce: Option<bool>,
+}
+
+/// One entry of `iothread-vq-mapping` (QEMU's `IOThreadVirtQueueMapping`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct IothreadVqMapping {
+    /// An `--object iothread` id.
+    pub iothread: String,
+    /// The virtqueues it runs (all entries have them, or none does).
+    pub vqs: Option<Vec<u16>>,
 }
 
 /// Parses a `--device` argument: JSON if it starts with `{`, else keyval
@@ -104,6 +117,35 @@ mod tests {
         assert_eq!(d.driver.name(), "virtio-blk-device");
         assert_eq!(d.num_queues, None);
         assert_eq!(d.iothread, None);
+    }
+
+    #[test]
+    fn iothread_vq_mapping_parses_as_keyval_list_and_as_json() {
+        let k = parse_device(
+            "virtio-blk-pci,drive=d0,num-queues=4,iothread-vq-mapping.0.iothread=io0,\
+             iothread-vq-mapping.0.vqs.0=0,iothread-vq-mapping.0.vqs.1=2,\
+             iothread-vq-mapping.1.iothread=io1,iothread-vq-mapping.1.vqs.0=1,\
+             iothread-vq-mapping.1.vqs.1=3",
+        )
+        .unwrap();
+        let j = parse_device(
+            r#"{"driver": "virtio-blk-pci", "drive": "d0", "num-queues": 4,
+                "iothread-vq-mapping": [{"iothread": "io0", "vqs": [0, 2]},
+                                        {"iothread": "io1", "vqs": [1, 3]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(k, j);
+        let m = k.iothread_vq_mapping.unwrap();
+        assert_eq!(m[1].iothread, "io1");
+        assert_eq!(m[1].vqs, Some(vec![1, 3]));
+    }
+
+    #[test]
+    fn iothread_vq_mapping_rejects_unknown_members() {
+        let e = parse_device("virtio-blk-pci,drive=d0,iothread-vq-mapping.0.thread=io0")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "Invalid parameter 'iothread-vq-mapping.0.thread'");
     }
 
     #[test]

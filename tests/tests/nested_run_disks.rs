@@ -7,9 +7,9 @@
 //! its power button, which of blkvm's threads did the block I/O.
 //!
 //! One L2 boot with three disks:
-//! - `pci`: virtio-blk-pci on iothread io0, 32 MiB, 4 KiB logical and
-//!   physical blocks, two queues, a loop device with O_DIRECT and
-//!   io_uring;
+//! - `pci`: virtio-blk-pci, 32 MiB, 4 KiB logical and physical blocks,
+//!   two queues spread over iothreads io0 and io2 (QEMU's
+//!   `iothread-vq-mapping`), a loop device with O_DIRECT and io_uring;
 //! - `mmio`: virtio-blk-device on iothread io1, 48 MiB, a buffered file
 //!   with aio=threads;
 //! - `ro`: virtio-blk-pci, 4 MiB of L1's random data, `read-only=on`.
@@ -54,6 +54,12 @@ for d in /sys/block/vd*; do
     result "$name.zeroed.md5" "$(md5 "/dev/$n" 2 1)"
     result "$name.md5" "$(md5 "/dev/$n")"
 done
+# One O_DIRECT read of the PCI disk from each vCPU: blk-mq maps CPU N to
+# queue N, so each of its two queues (on their own IOThreads) serves one.
+for cpu in 1 2; do
+    taskset "$cpu" dd if=/dev/"$(ls /sys/block/*/serial | xargs grep -l blkvm-pci | cut -d/ -f4)" \
+        of=/dev/null bs=1M count=8 iflag=direct 2>/dev/null
+done
 power_button_poweroff
 result l2.waiting 1
 sleep 120
@@ -76,12 +82,13 @@ L2_CPUS=2
 { l2_boot \
     --object iothread,id=io0 \
     --object iothread,id=io1 \
+    --object iothread,id=io2 \
     --blockdev "file,node-name=f0,filename=$pci,aio=io_uring,cache.direct=on,discard=unmap" \
     --blockdev raw,node-name=d0,file=f0,discard=unmap \
     --blockdev "file,node-name=f1,filename=$mmio,discard=unmap" \
     --blockdev raw,node-name=d1,file=f1,discard=unmap \
     --blockdev "file,node-name=f2,filename=$ro,read-only=on" \
-    --device virtio-blk-pci,id=pci,drive=d0,iothread=io0,num-queues=2,serial=blkvm-pci,logical_block_size=4096,physical_block_size=4096 \
+    --device virtio-blk-pci,id=pci,drive=d0,num-queues=2,iothread-vq-mapping.0.iothread=io0,iothread-vq-mapping.1.iothread=io2,serial=blkvm-pci,logical_block_size=4096,physical_block_size=4096 \
     --device virtio-blk-device,id=mmio,drive=d1,iothread=io1,serial=blkvm-mmio \
     --device virtio-blk-pci,id=ro,drive=f2,serial=blkvm-ro \
     --qmp "unix:$sock,server=on,wait=off" || true; } >/tmp/l2.out &
@@ -205,12 +212,13 @@ fn check_data(out: &NestedOutput) -> Result<()> {
 
 /// Per-thread I/O counters of blkvm (`/proc/PID/task/*/io`): the vCPU
 /// threads read and wrote nothing from storage and made no read calls;
-/// the O_DIRECT reads of the loop-backed PCI disk (L2 read back 12 MiB
-/// and the whole disk) were done by other threads (its IOThread, or the
-/// io_uring workers it started).
+/// the O_DIRECT reads of the loop-backed PCI disk were done by its two
+/// IOThreads (io_uring submits inline), each at least the 8 MiB that L2
+/// read through its queue.
 fn check_threads(out: &NestedOutput) -> Result<()> {
     let mut vcpus = 0;
     let mut others_read = 0u64;
+    let mut pci_threads = [0u64; 2];
     for line in out.l1_lines() {
         let Some(rest) = line.strip_prefix("BLKVM-RESULT thread.") else {
             continue;
@@ -233,8 +241,19 @@ fn check_threads(out: &NestedOutput) -> Result<()> {
             );
         } else {
             others_read += c[4];
+            match comm {
+                "iothread-io0" => pci_threads[0] = c[4],
+                "iothread-io2" => pci_threads[1] = c[4],
+                _ => {}
+            }
         }
     }
+    ensure!(
+        pci_threads.iter().all(|&b| b >= (8 * MIB) as u64),
+        out.error(&format!(
+            "the PCI disk's IOThreads read {pci_threads:?} bytes, not 8 MiB each"
+        ))
+    );
     ensure!(
         vcpus == 2,
         out.error(&format!("{vcpus} vCPU threads, not 2"))

@@ -89,8 +89,84 @@ pub struct PreparedDevice {
     pub node: Arc<dyn BlockNode>,
     /// Its virtio-blk configuration.
     pub config: BlkOptions,
-    /// Its IOThread's properties (`None`: a dedicated thread).
-    pub iothread: Option<(String, IothreadProperties)>,
+    /// The IOThread of each queue (queue `i` runs on entry `i % len`);
+    /// empty: a dedicated thread for the device.
+    pub queue_threads: Vec<String>,
+}
+
+/// The IOThread ids a device's queues run on, one per queue (or one for
+/// all): from `iothread` or QEMU's `iothread-vq-mapping`, checked as QEMU
+/// checks them (virtio-blk's `validate_iothread_vq_mapping_list`).
+fn queue_threads(
+    d: &DeviceOptions,
+    num_queues: u16,
+    iothreads: &HashMap<String, IothreadProperties>,
+) -> Result<Vec<String>> {
+    let exists = |io: &String| -> Result<()> {
+        if iothreads.contains_key(io) {
+            Ok(())
+        } else {
+            bail!("IOThread \"{io}\" object does not exist")
+        }
+    };
+    let map = match (&d.iothread, &d.iothread_vq_mapping) {
+        (Some(_), Some(_)) => {
+            bail!("iothread and iothread-vq-mapping properties cannot be set at the same time")
+        }
+        (Some(io), None) => {
+            exists(io).map_err(|_| anyhow::anyhow!("Cannot find iothread '{io}'"))?;
+            return Ok(vec![io.clone()]);
+        }
+        (None, None) => return Ok(Vec::new()),
+        (None, Some(map)) => map,
+    };
+    if map.is_empty() {
+        bail!("iothread-vq-mapping must list at least one IOThread");
+    }
+    for (i, m) in map.iter().enumerate() {
+        exists(&m.iothread)?;
+        if map[..i].iter().any(|o| o.iothread == m.iothread) {
+            bail!(
+                "duplicate IOThread name \"{}\" in iothread-vq-mapping",
+                m.iothread
+            );
+        }
+    }
+    if map.iter().all(|m| m.vqs.is_none()) {
+        // Round-robin, as QEMU assigns them.
+        return Ok((0..usize::from(num_queues))
+            .map(|q| map[q % map.len()].iothread.clone())
+            .collect());
+    }
+    let mut out: Vec<Option<String>> = vec![None; usize::from(num_queues)];
+    for m in map {
+        let Some(vqs) = &m.vqs else {
+            bail!("either all items in iothread-vq-mapping must have vqs or none of them must have it");
+        };
+        for &vq in vqs {
+            let slot = out.get_mut(usize::from(vq)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "vq index {vq} for IOThread \"{}\" must be less than num_queues {num_queues} in iothread-vq-mapping",
+                    m.iothread
+                )
+            })?;
+            if slot.is_some() {
+                bail!(
+                    "cannot assign vq {vq} to IOThread \"{}\" because it is already assigned",
+                    m.iothread
+                );
+            }
+            *slot = Some(m.iothread.clone());
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(vq, t)| {
+            t.ok_or_else(|| {
+                anyhow::anyhow!("missing vq {vq} IOThread assignment in iothread-vq-mapping")
+            })
+        })
+        .collect()
 }
 
 /// Resolves every device's node and IOThread and checks its options.
@@ -102,13 +178,8 @@ pub fn prepare_devices(
     let mut out = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         let label = device_label(d, i);
-        let iothread = match &d.iothread {
-            Some(io) => match iothreads.get(io) {
-                Some(p) => Some((io.clone(), p.clone())),
-                None => bail!("{label}: Cannot find iothread '{io}'"),
-            },
-            None => None,
-        };
+        let queue_threads = queue_threads(d, d.num_queues.unwrap_or(1), iothreads)
+            .map_err(|e| e.context(label.clone()))?;
         let node = graph
             .attach(&d.drive, &label)
             .map_err(|e| anyhow::Error::new(e).context(label.clone()))?;
@@ -118,7 +189,7 @@ pub fn prepare_devices(
             options: d.clone(),
             node,
             config,
-            iothread,
+            queue_threads,
         });
     }
     Ok(out)
@@ -260,10 +331,11 @@ pub fn attach_devices(
     let mut pci: Option<PciSegment> = None;
     let mut out = Vec::new();
     for (i, d) in devices.into_iter().enumerate() {
-        let threads = match &d.iothread {
-            Some((id, _)) => iothreads.iter().filter(|t| t.id() == id).cloned().collect(),
-            None => Vec::new(),
-        };
+        let threads = d
+            .queue_threads
+            .iter()
+            .filter_map(|id| iothreads.iter().find(|t| t.id() == id.as_str()).cloned())
+            .collect();
         let blk = VirtioBlk::new(
             VirtioBlkConfig {
                 id: d.options.id.clone().unwrap_or_else(|| format!("blk{i}")),
@@ -463,5 +535,78 @@ mod tests {
         assert!(format!("{e:#}").starts_with("device 'disk': "), "{e:#}");
         let p = prepare_devices(&mut g, &[dev("virtio-blk-device,drive=n0")], &io).unwrap();
         assert_eq!(p[0].config.num_queues, 1);
+        assert!(p[0].queue_threads.is_empty());
+    }
+
+    fn iothreads(ids: &[&str]) -> HashMap<String, IothreadProperties> {
+        ids.iter()
+            .map(|id| (id.to_string(), IothreadProperties::default()))
+            .collect()
+    }
+
+    #[test]
+    fn iothread_vq_mapping_spreads_queues_round_robin_or_as_listed() {
+        let io = iothreads(&["io0", "io1"]);
+        let q = |a: &str| queue_threads(&dev(a), dev(a).num_queues.unwrap_or(1), &io).unwrap();
+        assert_eq!(
+            q("virtio-blk-pci,drive=d,num-queues=4,iothread=io1"),
+            ["io1"]
+        );
+        assert_eq!(
+            q("virtio-blk-pci,drive=d,num-queues=3,\
+               iothread-vq-mapping.0.iothread=io0,iothread-vq-mapping.1.iothread=io1"),
+            ["io0", "io1", "io0"]
+        );
+        assert_eq!(
+            q("virtio-blk-pci,drive=d,num-queues=3,\
+               iothread-vq-mapping.0.iothread=io0,iothread-vq-mapping.0.vqs.0=2,\
+               iothread-vq-mapping.1.iothread=io1,iothread-vq-mapping.1.vqs.0=0,\
+               iothread-vq-mapping.1.vqs.1=1"),
+            ["io1", "io1", "io0"]
+        );
+        assert!(q("virtio-blk-pci,drive=d").is_empty());
+    }
+
+    #[test]
+    fn bad_iothread_vq_mappings_are_refused_in_qemus_words() {
+        let io = iothreads(&["io0", "io1"]);
+        let e = |a: &str| {
+            queue_threads(&dev(a), dev(a).num_queues.unwrap_or(1), &io)
+                .unwrap_err()
+                .to_string()
+        };
+        let m = "virtio-blk-pci,drive=d,num-queues=2,iothread-vq-mapping.0.iothread";
+        assert_eq!(
+            e(&format!("{m}=io0,iothread=io1")),
+            "iothread and iothread-vq-mapping properties cannot be set at the same time"
+        );
+        assert_eq!(
+            e(&format!("{m}=io7")),
+            "IOThread \"io7\" object does not exist"
+        );
+        assert_eq!(
+            e(&format!("{m}=io0,iothread-vq-mapping.1.iothread=io0")),
+            "duplicate IOThread name \"io0\" in iothread-vq-mapping"
+        );
+        assert_eq!(
+            e(&format!(
+                "{m}=io0,iothread-vq-mapping.0.vqs.0=0,iothread-vq-mapping.1.iothread=io1"
+            )),
+            "either all items in iothread-vq-mapping must have vqs or none of them must have it"
+        );
+        assert_eq!(
+            e(&format!("{m}=io0,iothread-vq-mapping.0.vqs.0=2")),
+            "vq index 2 for IOThread \"io0\" must be less than num_queues 2 in iothread-vq-mapping"
+        );
+        assert_eq!(
+            e(&format!(
+                "{m}=io0,iothread-vq-mapping.0.vqs.0=0,iothread-vq-mapping.0.vqs.1=0"
+            )),
+            "cannot assign vq 0 to IOThread \"io0\" because it is already assigned"
+        );
+        assert_eq!(
+            e(&format!("{m}=io0,iothread-vq-mapping.0.vqs.0=1")),
+            "missing vq 0 IOThread assignment in iothread-vq-mapping"
+        );
     }
 }
