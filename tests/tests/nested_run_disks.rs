@@ -92,7 +92,14 @@ L2_CPUS=2
     --device virtio-blk-device,id=mmio,drive=d1,iothread=io1,serial=blkvm-mmio \
     --device virtio-blk-pci,id=ro,drive=f2,serial=blkvm-ro \
     --qmp "unix:$sock,server=on,wait=off" || true; } >/tmp/l2.out &
-wait_line "BLKVM-RESULT l2.waiting" /tmp/l2.out
+wait_line "BLKVM-RESULT l2.waiting" /tmp/l2.out || {
+    cat /tmp/l2.out
+    for t in /proc/$(pidof blkvm)/task/*; do echo "STUCK $(cat $t/comm) $(cut -d' ' -f3 $t/stat) $(cat $t/wchan) $(cut -d' ' -f14,15 $t/stat)"; done
+    qmp-send "$sock" '{"execute":"query-status"}' '{"execute":"query-blockstats"}' | sed 's/^/STUCK /'
+    sleep 2
+    for t in /proc/$(pidof blkvm)/task/*; do echo "STUCK2 $(cat $t/comm) $(cut -d' ' -f3 $t/stat) $(cut -d' ' -f14,15 $t/stat)"; done
+    exit 1
+}
 thread_io "$(pidof blkvm)"
 qmp-send "$sock" '{"execute":"query-blockstats"}' | sed 's/^/QMP| /'
 qmp-send "$sock" '{"execute":"system_powerdown"}' wait:SHUTDOWN >/dev/null
