@@ -32,6 +32,18 @@ use crate::virtio_blk::{BlkHandlerError, BlkQueueHandler, GuestMem};
 
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 
+/// The adaptive busy-poll cap of an export's own workers (no
+/// `iothread=`). qemu-storage-daemon serves such an export from its main
+/// loop, which polls too (QEMU's event-loop default, 32 µs), but mostly it
+/// never sleeps under load, being busy with the ring. Our workers finish
+/// a ring sooner and then wait for the frontend's next batch: a frontend
+/// woken by our interrupt needs 40 to 100 µs to reap and resubmit on a
+/// virtualized host (measured: a thread's wake-up there costs tens of
+/// µs), past a 32 µs window, so polling would shrink to nothing and every
+/// batch would pay two wake-ups. 128 µs covers that turnaround; an idle
+/// frontend still shrinks the poll to zero after one longer wait.
+pub const EXPORT_POLL_MAX_NS: u64 = 131_072;
+
 struct Queue {
     handler: Mutex<BlkQueueHandler>,
     /// The vring, captured at its first event so `stop_vring` can drain.
@@ -88,7 +100,8 @@ impl VhostUserBlkBackend {
     /// A backend for `node`. With `iothread` (the export's `--object
     /// iothread` properties) all queues share one worker thread that
     /// busy-polls as that IOThread would (`poll-max-ns`); without, each
-    /// queue has its own worker and none polls (QEMU's main loop does not).
+    /// queue has its own worker, polling adaptively up to
+    /// [`EXPORT_POLL_MAX_NS`].
     pub fn new(
         name: &str,
         node: Arc<dyn BlockNode>,
@@ -98,7 +111,7 @@ impl VhostUserBlkBackend {
     ) -> Result<Self, VhostUserBlkError> {
         let one_thread = iothread.is_some();
         let poll = iothread.unwrap_or(IoThreadConfig {
-            poll_max_ns: 0,
+            poll_max_ns: EXPORT_POLL_MAX_NS,
             ..IoThreadConfig::default()
         });
         let read_only = opts.read_only || node.read_only();

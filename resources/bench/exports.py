@@ -10,6 +10,7 @@ reads. Rounds are interleaved; the table shows medians and our ratio.
 import argparse
 import json
 import os
+import stat
 
 import common
 
@@ -18,11 +19,15 @@ WORKLOADS = [("4k randread qd1", 4096, 1), ("4k randread qd32", 4096, 32),
 
 
 def backings(img):
-    # qemu-storage-daemon wants plain integers for sizes.
+    # qemu-storage-daemon wants plain integers for sizes, and host_device
+    # for a block device (blkvm's file takes both).
+    blk = stat.S_ISBLK(os.stat(img).st_mode)
     return {
-        "null-co": ["driver=null-co,node-name=d0,size=1073741824"],
-        "file": [f"driver=file,node-name=f0,filename={img},aio=io_uring,cache.direct=on",
-                 "driver=raw,node-name=d0,file=f0"],
+        "null-co": (["driver=null-co,node-name=d0,size=1073741824"],) * 2,
+        "file": tuple(
+            [f"driver={drv},node-name=f0,filename={img},aio=io_uring,cache.direct=on",
+             "driver=raw,node-name=d0,file=f0"]
+            for drv in ("file", "host_device" if blk else "file")),
     }
 
 
@@ -31,6 +36,7 @@ def main():
     ap.add_argument("--runtime", type=float, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--img", help="file or block device to use instead of a scratch file")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--iothread", type=int, default=None, metavar="POLL_MAX_NS",
                     help="serve both exports from an iothread with this poll-max-ns "
@@ -39,17 +45,18 @@ def main():
                     help="only these backings (repeatable)")
     a = ap.parse_args()
     common.build()
-    img = common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
+    img = a.img or common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
     sock = os.path.join(common.OUT, "export.sock")
     client = f"virtio-blk-vhost-user,path={sock},node-name=v0"
     rows = []
-    for backing, nodes in backings(img).items():
+    for backing, (ours, theirs) in backings(img).items():
         if a.backing and backing not in a.backing:
             continue
         for name, bs, depth in WORKLOADS:
             runs = {"blkvm": [], "qsd": []}
             for _ in range(a.rounds):
-                for who, start in (("blkvm", common.blkvm_daemon), ("qsd", common.qsd_daemon)):
+                for who, start, nodes in (("blkvm", common.blkvm_daemon, ours),
+                                          ("qsd", common.qsd_daemon, theirs)):
                     d = start(nodes, sock, iothread=a.iothread)
                     try:
                         runs[who].append(common.bench(client, "randread", bs, depth, a.runtime)["iops"])
