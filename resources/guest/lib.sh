@@ -46,3 +46,13 @@ EOS
     chmod +x /etc/acpi/PWRF/00000080
     acpid -d 2>/dev/console &
 }
+
+# await_power_button: reports `l2.waiting=1`, then waits for the power
+# button armed by power_button_poweroff; after 120 s without it, fails the
+# script (exit 3).
+await_power_button() {
+    result l2.waiting 1
+    sleep 120
+    echo "BLKVM-ERROR the power button was not obeyed"
+    exit 3
+}

@@ -43,10 +43,7 @@ if dd if=/dev/urandom of=/dev/$full bs=1M count=4 oflag=direct 2>/dev/null; then
 else
     result full.write failed
 fi
-result l2.waiting 1
-sleep 120
-echo "BLKVM-ERROR the power button was not obeyed"
-exit 3
+await_power_button
 "#;
 
 /// L1: `blkvm run` with QMP in the background, its console also in
