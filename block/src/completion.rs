@@ -51,6 +51,10 @@ impl LocalCompletions {
     pub fn len(&self) -> usize {
         self.ready.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
+    }
 }
 
 /// Completions produced by worker threads.

@@ -184,7 +184,7 @@ impl NodeQueue for NullQueue {
                     let _ = timer.reset(Duration::ZERO, None);
                 }
             }
-        } else if self.ready.len() > 0 {
+        } else if !self.ready.is_empty() {
             // The eventfd is readable exactly while completions wait, so a
             // busy poller with nothing ready makes no system call.
             clear_eventfd(&self.eventfd);

@@ -102,21 +102,12 @@ fn queue_threads(
     num_queues: u16,
     iothreads: &HashMap<String, IothreadProperties>,
 ) -> Result<Vec<String>> {
-    let exists = |io: &String| -> Result<()> {
-        if iothreads.contains_key(io) {
-            Ok(())
-        } else {
-            bail!("IOThread \"{io}\" object does not exist")
-        }
-    };
     let map = match (&d.iothread, &d.iothread_vq_mapping) {
         (Some(_), Some(_)) => {
             bail!("iothread and iothread-vq-mapping properties cannot be set at the same time")
         }
-        (Some(io), None) => {
-            exists(io).map_err(|_| anyhow::anyhow!("Cannot find iothread '{io}'"))?;
-            return Ok(vec![io.clone()]);
-        }
+        (Some(io), None) if !iothreads.contains_key(io) => bail!("Cannot find iothread '{io}'"),
+        (Some(io), None) => return Ok(vec![io.clone()]),
         (None, None) => return Ok(Vec::new()),
         (None, Some(map)) => map,
     };
@@ -124,7 +115,9 @@ fn queue_threads(
         bail!("iothread-vq-mapping must list at least one IOThread");
     }
     for (i, m) in map.iter().enumerate() {
-        exists(&m.iothread)?;
+        if !iothreads.contains_key(&m.iothread) {
+            bail!("IOThread \"{}\" object does not exist", m.iothread);
+        }
         if map[..i].iter().any(|o| o.iothread == m.iothread) {
             bail!(
                 "duplicate IOThread name \"{}\" in iothread-vq-mapping",

@@ -282,7 +282,7 @@ impl NodeQueue for BlkioQueue {
                 // Everything left is waiting: start it, or give up if
                 // nothing can start (the caller sees fewer than `min`).
                 self.pump_local();
-                if self.in_lib == 0 && self.local.len() == 0 {
+                if self.in_lib == 0 && self.local.is_empty() {
                     break;
                 }
             }
