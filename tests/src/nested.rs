@@ -237,8 +237,9 @@ impl NestedVm {
     ///
     /// L1's own kernel, under QEMU's TCG emulation of nested SVM, now and
     /// then dies in its exception entry (seen: "ENTRY_TRAMPOLINE stack
-    /// guard page was hit" in a plain `grep`, with a bad GS base: TCG's
-    /// doing, not anything L1 or L2 ran). Such a run says nothing about
+    /// guard page was hit" in a plain `grep`, with a bad GS base) or resets
+    /// without a word, with QEMU/KVM as L1's VMM as with blkvm: TCG's
+    /// doing, not anything L1 or L2 ran. Such a run says nothing about
     /// blkvm, so it is run again, up to [`L1_CRASH_RETRIES`] times, with
     /// the crash printed; every other failure counts.
     pub fn run(&self) -> Result<NestedOutput> {
@@ -471,9 +472,13 @@ impl NestedOutput {
         self.l1.console.lines()
     }
 
-    /// Whether L1's own kernel (not L2's) oopsed or panicked.
+    /// Whether L1's own kernel (not L2's) oopsed or panicked, or L1 reset
+    /// without a word: QEMU (`-no-reboot`) exited by itself, successfully,
+    /// before L1's script finished. A timeout kills QEMU instead, so it
+    /// does not count.
     pub fn l1_kernel_crashed(&self) -> bool {
-        self.l1_lines().any(is_kernel_crash)
+        let silent_reset = self.l1.rc.is_none() && self.l1.status.is_some_and(|s| s.success());
+        silent_reset || self.l1_lines().any(is_kernel_crash)
     }
 
     /// The lines of L1's console that tell of its kernel's crash.
@@ -588,6 +593,14 @@ mod tests {
         assert!(parse(l1_crash)
             .l1_crash_lines()
             .contains("ENTRY_TRAMPOLINE"));
+        // L1 reset silently: QEMU exited 0 with no BLKVM-DONE; a run that
+        // QEMU never ended on its own (no status: killed or timed out) is
+        // not one.
+        let ok = std::process::Command::new("true").status().unwrap();
+        let reset = "BLKVM-L1-READY uptime=2.1\nL2| line 967 0123\n";
+        let out = NestedOutput::parse(reset.to_owned(), Some(ok), Duration::ZERO);
+        assert!(out.l1_kernel_crashed());
+        assert!(!parse(reset).l1_kernel_crashed());
     }
 
     #[test]
