@@ -63,6 +63,9 @@ pub struct JobSpec {
     pub size: u64,
     pub runtime: Option<Duration>,
     pub count: Option<u64>,
+    /// Busy-poll for a completion this long before sleeping, ns (0: sleep
+    /// at once).
+    pub poll_max_ns: u64,
     pub progress: bool,
 }
 
@@ -222,8 +225,18 @@ fn run_with(
     let mut done: Vec<Completion> = Vec::with_capacity(spec.iodepth);
     let mut last_progress = begin;
     let mut last_ios = 0u64;
+    let poll = Duration::from_nanos(spec.poll_max_ns);
     while queue.in_flight() > 0 {
-        queue.wait_completions(1, &mut done);
+        if !poll.is_zero() {
+            queue.kick();
+            let start = Instant::now();
+            while queue.poll_completions(&mut done) == 0 && start.elapsed() < poll {
+                std::hint::spin_loop();
+            }
+        }
+        if done.is_empty() {
+            queue.wait_completions(1, &mut done);
+        }
         let now = Instant::now();
         for mut c in done.drain(..) {
             let slot = c.request.user_data as usize;
@@ -278,4 +291,81 @@ fn run_with(
         read,
         write,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block::BlockGraph;
+
+    /// A queue that counts how often the job slept on it.
+    struct Counting {
+        inner: Box<dyn NodeQueue>,
+        waits: usize,
+    }
+
+    impl NodeQueue for Counting {
+        fn submit(&mut self, req: Request) -> Result<(), block::SubmitError> {
+            self.inner.submit(req)
+        }
+        fn kick(&mut self) {
+            self.inner.kick()
+        }
+        fn completion_fd(&self) -> std::os::fd::RawFd {
+            self.inner.completion_fd()
+        }
+        fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
+            self.inner.poll_completions(out)
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn complete_now(&mut self, c: Completion) {
+            self.inner.complete_now(c)
+        }
+        fn wait_completions(&mut self, min: usize, out: &mut Vec<Completion>) -> usize {
+            self.waits += 1;
+            self.inner.wait_completions(min, out)
+        }
+    }
+
+    fn run_counting(poll_max_ns: u64) -> (JobResult, usize) {
+        let mut graph = BlockGraph::new();
+        // 200 µs per request: far inside a 1 s poll window.
+        let opts = qapi::parse_blockdev("null-co,node-name=n0,size=1M,latency-ns=200000").unwrap();
+        let node = graph.add(&opts).unwrap();
+        let mut q = Counting {
+            inner: node.open_queue().unwrap(),
+            waits: 0,
+        };
+        let spec = JobSpec {
+            buffers: BufferMode::Registered,
+            pattern: Pattern::Randread,
+            rwmixread: 100,
+            bs: 4096,
+            iodepth: 2,
+            size: 1 << 20,
+            runtime: None,
+            count: Some(50),
+            poll_max_ns,
+            progress: false,
+        };
+        let r = run(&mut q, graph.registrar(), &spec).unwrap();
+        (r, q.waits)
+    }
+
+    #[test]
+    fn a_polling_job_finds_its_completions_without_sleeping() {
+        let (r, waits) = run_counting(1_000_000_000);
+        assert_eq!(r.read.ios, 50);
+        assert_eq!(r.read.lat_ns.len(), 50);
+        assert_eq!(waits, 0, "the poll window covers every request");
+    }
+
+    #[test]
+    fn without_polling_the_job_sleeps_for_each_completion() {
+        let (r, waits) = run_counting(0);
+        assert_eq!(r.read.ios, 50);
+        assert!(waits >= 25, "slept only {waits} times for 50 requests");
+    }
 }

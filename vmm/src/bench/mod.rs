@@ -49,10 +49,17 @@ pub struct BenchArgs {
     /// around each request, or all three in turn.
     #[arg(long, value_enum, default_value = "registered")]
     buffers: BuffersArg,
-    /// Repeat the run(s) this many times, modes interleaved, and report
-    /// each mode's median run (the disks here are noisy).
+    /// Repeat the run(s) this many times, modes interleaved (each round
+    /// starting with the next mode), and report each mode's median run (the
+    /// disks here are noisy).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
+    /// Busy-poll the node's queue for a completion for up to this many ns
+    /// before sleeping on it, as a polling IOThread does (QEMU's IOThreads
+    /// poll up to 32768 ns by default). The window is fixed, not adaptive:
+    /// 0 sleeps at once.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    poll_max_ns: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -148,8 +155,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut queue = node.open_queue()?;
     let modes = args.buffers.modes();
     let mut runs: Vec<Vec<report::Report>> = modes.iter().map(|_| Vec::new()).collect();
-    for _ in 0..args.rounds {
-        for (i, &buffers) in modes.iter().enumerate() {
+    // Each round starts one mode later than the last, so no one mode
+    // always runs right after map-per-request (which can leave a daemon
+    // slower for a moment) or first, on a cold queue.
+    for round in 0..args.rounds as usize {
+        let order = (0..modes.len()).map(|k| (k + round) % modes.len());
+        for i in order {
+            let buffers = modes[i];
             let spec = job::JobSpec {
                 buffers,
                 pattern: args.rw,
@@ -159,6 +171,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 size,
                 runtime,
                 count: args.count,
+                poll_max_ns: args.poll_max_ns,
                 progress,
             };
             let result = job::run(queue.as_mut(), graph.registrar(), &spec)?;

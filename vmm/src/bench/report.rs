@@ -82,6 +82,7 @@ pub struct Report {
     pattern: String,
     bs: u64,
     iodepth: usize,
+    poll_max_ns: u64,
     secs: f64,
     total: OpSummary,
     read: OpSummary,
@@ -104,6 +105,7 @@ impl Report {
             pattern: format!("{:?}", spec.pattern).to_lowercase(),
             bs: spec.bs,
             iodepth: spec.iodepth,
+            poll_max_ns: spec.poll_max_ns,
             secs,
             total: OpSummary::new(&all, secs),
             read: OpSummary::new(&r.read, secs),
@@ -119,6 +121,7 @@ impl Report {
             "rw": self.pattern,
             "bs": self.bs,
             "iodepth": self.iodepth,
+            "poll_max_ns": self.poll_max_ns,
             "runtime_s": self.secs,
             "ios": self.total.ios,
             "iops": self.total.iops,
@@ -131,12 +134,13 @@ impl Report {
 
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={} buffers={}, {:.2} s, {} requests\n",
+            "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={} poll-max-ns={} buffers={}, {:.2} s, {} requests\n",
             self.node,
             self.driver,
             self.pattern,
             self.bs,
             self.iodepth,
+            self.poll_max_ns,
             kebab(&self.buffers),
             self.secs,
             self.total.ios
@@ -207,8 +211,8 @@ pub fn to_text(reports: &[Report], stats: &NodeStatsSnapshot) -> String {
     }
     let first = &reports[0];
     let mut s = format!(
-        "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={}\n\n",
-        first.node, first.driver, first.pattern, first.bs, first.iodepth
+        "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={} poll-max-ns={}\n\n",
+        first.node, first.driver, first.pattern, first.bs, first.iodepth, first.poll_max_ns
     );
     s += "| buffers | IOPS | lat mean (us) | p50 | p99 | p99.9 | vs registered |\n";
     s += "|---|---:|---:|---:|---:|---:|---:|\n";
