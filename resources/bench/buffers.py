@@ -5,7 +5,8 @@ file with cache.direct=on and aio=io_uring) driven by `blkvm bench`
 through its libblkio `virtio-blk-vhost-user` node, at 512 B iodepth 1 and
 4 KiB iodepth 32; then native `file,aio=io_uring,cache.direct=on` with
 registered (io_uring fixed buffers) against unregistered buffers at 4 KiB
-iodepth 1 and 32. Each row is `blkvm bench --buffers all --rounds N`: the
+iodepth 1 and 32, with fio's io_uring engine with and without --fixedbufs on
+the same file for reference. Each row is `blkvm bench --buffers all --rounds N`: the
 modes interleave and the table shows each mode's median run.
 
 Every shape runs twice: with the client sleeping on the completion fd as
@@ -26,7 +27,24 @@ SHAPES = [(512, 1), (4096, 32)]
 
 
 def modes(report):
-    return {r["buffers"]: r["iops"] for r in report["runs"]}
+    """Each mode's median IOPS, and its IOPS over registered's paired
+    within rounds (median over rounds)."""
+    out = {r["buffers"]: r["iops"] for r in report["runs"]}
+    out["cpu_us"] = {r["buffers"]: r["cpu_ns_per_io"] / 1000 for r in report["runs"]}
+    out["paired"] = report["paired_ratio_to_registered"]
+    return out
+
+
+def fio(img, bs, depth, runtime, fixedbufs):
+    cmd = ["fio", "--name=job", f"--filename={img}", "--direct=1", "--ioengine=io_uring",
+           "--rw=randread", f"--bs={bs}", f"--iodepth={depth}", f"--runtime={runtime}",
+           "--time_based", "--output-format=json"]
+    if fixedbufs:
+        cmd.append("--fixedbufs")
+    job = json.loads(common.run(cmd))["jobs"][0]
+    # fio's usr/sys_cpu are percent of its runtime, of its one job thread.
+    cpu_s = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
+    return job["read"]["iops"], cpu_s / max(job["read"]["total_ios"], 1) * 1e6
 
 
 def main():
@@ -71,21 +89,56 @@ def main():
                                rounds + ["--poll-max-ns", str(poll)])
             rows.append({"target": "native file,aio=io_uring", "bs": bs, "iodepth": depth,
                          "poll": poll, **modes(rep)})
+    # The reference tool on the same file: fio's io_uring engine with and
+    # without --fixedbufs (registered buffers), rounds interleaved.
+    fio_rows = []
+    for depth in (1, 32):
+        runs = {True: [], False: []}
+        for i in range(a.rounds):
+            for fixed in ((True, False) if i % 2 == 0 else (False, True)):
+                runs[fixed].append(fio(img, 4096, depth, a.runtime, fixed))
+        paired = sorted(f[0] / u[0] for f, u in zip(runs[True], runs[False]))
+        fio_rows.append({"target": "fio io_uring, direct=1", "bs": 4096, "iodepth": depth,
+                         "fixedbufs": common.median([r[0] for r in runs[True]]),
+                         "plain": common.median([r[0] for r in runs[False]]),
+                         "fixed/plain": paired[len(paired) // 2],
+                         "cpu_us": {"fixedbufs": common.median([r[1] for r in runs[True]]),
+                                    "plain": common.median([r[1] for r in runs[False]])}})
     if a.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"blkvm": rows, "fio": fio_rows}, indent=2))
         return
-    print(f"Median of {a.rounds} interleaved rounds of {a.runtime:g} s per mode; IOPS. "
+    print(f"IOPS: median of {a.rounds} interleaved rounds of {a.runtime:g} s per mode. Ratios: "
+          "median over rounds of the ratio within a round. "
           "For native io_uring, 'bounce' means plain unregistered memory (the kernel "
           "pins pages per request; no copy).\n")
     out = []
     for r in rows:
         reg, bnc, mpr = r["registered"], r["bounce"], r["map-per-request"]
+        # registered/X is 1 / (X/registered), paired within each round.
+        pb, pm = r["paired"]["bounce"], r["paired"]["map-per-request"]
         client = f"polls {r['poll']} ns" if r["poll"] else "sleeps"
         out.append([r["target"], f"{r['bs']} qd{r['iodepth']}", client, f"{reg:.0f}", f"{bnc:.0f}",
-                    f"{mpr:.0f}", f"{reg / bnc:.2f}x", f"{reg / mpr:.2f}x"])
+                    f"{mpr:.0f}", f"{1 / pb:.2f}x", f"{1 / pm:.2f}x"])
     print(common.table(["target", "shape", "client", "registered", "bounce", "map-per-request",
                         "registered/bounce", "registered/map"], out))
-
+    print("\nCPU time of the submitting thread per request (us), sleeping clients; a "
+          "polling client spends its poll window too:\n")
+    out = []
+    for r in rows:
+        if r["poll"]:
+            continue
+        c = r["cpu_us"]
+        out.append([r["target"], f"{r['bs']} qd{r['iodepth']}", f"{c['registered']:.2f}",
+                    f"{c['bounce']:.2f}", f"{c['map-per-request']:.2f}"])
+    for r in fio_rows:
+        c = r["cpu_us"]
+        out.append([r["target"] + " (--fixedbufs / without)", f"{r['bs']} qd{r['iodepth']}",
+                    f"{c['fixedbufs']:.2f}", f"{c['plain']:.2f}", ""])
+    print(common.table(["target", "shape", "registered", "bounce", "map-per-request"], out))
+    print("\nfio on the same file, sleeping in io_uring_enter as fio does by default:\n")
+    print(common.table(["target", "shape", "--fixedbufs", "without", "fixed/without"],
+                       [[r["target"], f"{r['bs']} qd{r['iodepth']}", f"{r['fixedbufs']:.0f}",
+                         f"{r['plain']:.0f}", f"{r['fixed/plain']:.2f}x"] for r in fio_rows]))
 
 if __name__ == "__main__":
     main()

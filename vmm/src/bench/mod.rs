@@ -178,15 +178,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             runs[i].push(report::Report::new(&name, node.driver(), &spec, &result));
         }
     }
+    let iops: Vec<Vec<f64>> = runs
+        .iter()
+        .map(|r| r.iter().map(report::Report::iops).collect())
+        .collect();
+    let paired = report::paired_ratios(&iops);
     let reports: Vec<report::Report> = runs.into_iter().map(report::median).collect();
     let stats = node.stats().snapshot();
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report::to_json(&reports, &stats))?
+            serde_json::to_string_pretty(&report::to_json(&reports, &paired, &stats))?
         );
     } else {
-        print!("{}", report::to_text(&reports, &stats));
+        print!("{}", report::to_text(&reports, &paired, &stats));
     }
     Ok(())
 }

@@ -84,6 +84,8 @@ pub struct Report {
     iodepth: usize,
     poll_max_ns: u64,
     secs: f64,
+    /// CPU time of the benchmark thread per request, ns.
+    cpu_ns_per_io: f64,
     total: OpSummary,
     read: OpSummary,
     write: OpSummary,
@@ -107,6 +109,7 @@ impl Report {
             iodepth: spec.iodepth,
             poll_max_ns: spec.poll_max_ns,
             secs,
+            cpu_ns_per_io: r.cpu.as_nanos() as f64 / (all.ios.max(1) as f64),
             total: OpSummary::new(&all, secs),
             read: OpSummary::new(&r.read, secs),
             write: OpSummary::new(&r.write, secs),
@@ -123,6 +126,7 @@ impl Report {
             "iodepth": self.iodepth,
             "poll_max_ns": self.poll_max_ns,
             "runtime_s": self.secs,
+            "cpu_ns_per_io": self.cpu_ns_per_io,
             "ios": self.total.ios,
             "iops": self.total.iops,
             "mib_s": self.total.mib_s,
@@ -151,8 +155,40 @@ impl Report {
         if self.write.ios > 0 {
             s += &self.write.to_text("write");
         }
+        s += &format!(
+            "  cpu  : {:.2} us per request (this thread, user and system)\n",
+            self.cpu_ns_per_io / 1000.0
+        );
         s
     }
+}
+
+impl Report {
+    /// IOPS over both directions.
+    pub fn iops(&self) -> f64 {
+        self.total.iops
+    }
+}
+
+/// For each mode (`iops[mode][round]`, mode 0 being registered), the
+/// median over rounds of its IOPS divided by registered's IOPS in the same
+/// round. Runs of one round are seconds apart, so this ratio is steadier
+/// than one of medians when the machine's speed drifts.
+pub fn paired_ratios(iops: &[Vec<f64>]) -> Vec<f64> {
+    let Some(base) = iops.first() else {
+        return Vec::new();
+    };
+    iops.iter()
+        .map(|mode| {
+            let mut r: Vec<f64> = mode
+                .iter()
+                .zip(base)
+                .map(|(m, b)| if *b > 0.0 { m / b } else { 0.0 })
+                .collect();
+            r.sort_by(f64::total_cmp);
+            r.get(r.len() / 2).copied().unwrap_or(0.0)
+        })
+        .collect()
 }
 
 /// The run with the median IOPS.
@@ -184,8 +220,9 @@ fn paths_json(stats: &NodeStatsSnapshot) -> Value {
 }
 
 /// One run: its report. Several: each, plus ratios to the first
-/// (registered) run.
-pub fn to_json(reports: &[Report], stats: &NodeStatsSnapshot) -> Value {
+/// (registered) run: of the medians, and paired per round
+/// ([`paired_ratios`]).
+pub fn to_json(reports: &[Report], paired: &[f64], stats: &NodeStatsSnapshot) -> Value {
     let mut v = match reports {
         [one] => one.to_json(),
         _ => json!({
@@ -194,6 +231,11 @@ pub fn to_json(reports: &[Report], stats: &NodeStatsSnapshot) -> Value {
                 .iter()
                 .map(|r| (kebab(&r.buffers), json!(r.total.iops / reports[0].total.iops)))
                 .collect::<serde_json::Map<_, _>>(),
+            "paired_ratio_to_registered": reports
+                .iter()
+                .zip(paired)
+                .map(|(r, p)| (kebab(&r.buffers), json!(p)))
+                .collect::<serde_json::Map<_, _>>(),
         }),
     };
     v["node_paths"] = paths_json(stats);
@@ -201,7 +243,7 @@ pub fn to_json(reports: &[Report], stats: &NodeStatsSnapshot) -> Value {
 }
 
 /// Text for one run, or a table for several.
-pub fn to_text(reports: &[Report], stats: &NodeStatsSnapshot) -> String {
+pub fn to_text(reports: &[Report], paired: &[f64], stats: &NodeStatsSnapshot) -> String {
     let paths = format!(
         "  node paths: {} registered, {} bounced, {} region map failures\n",
         stats.registered_ops, stats.bounced_ops, stats.region_map_failures
@@ -214,27 +256,42 @@ pub fn to_text(reports: &[Report], stats: &NodeStatsSnapshot) -> String {
         "blkvm bench: node '{}' ({}), rw={} bs={} iodepth={} poll-max-ns={}\n\n",
         first.node, first.driver, first.pattern, first.bs, first.iodepth, first.poll_max_ns
     );
-    s += "| buffers | IOPS | lat mean (us) | p50 | p99 | p99.9 | vs registered |\n";
-    s += "|---|---:|---:|---:|---:|---:|---:|\n";
-    for r in reports {
+    s += "| buffers | IOPS | lat mean (us) | p50 | p99 | p99.9 | CPU/IO (us) | vs registered | paired |\n";
+    s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (r, p) in reports.iter().zip(paired) {
         let t = &r.total;
         s += &format!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |\n",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2}x | {p:.2}x |\n",
             kebab(&r.buffers),
             t.iops,
             t.mean_ns / 1000.0,
             t.p50_ns as f64 / 1000.0,
             t.p99_ns as f64 / 1000.0,
             t.p999_ns as f64 / 1000.0,
+            r.cpu_ns_per_io / 1000.0,
             t.iops / first.total.iops
         );
     }
-    s + "\n" + &paths
+    s + "\n"
+        + "  IOPS and latencies are each mode's median run; 'paired' is the median over rounds\n"
+        + "  of the mode's IOPS over registered's in the same round.\n"
+        + &paths
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratios_divide_within_rounds() {
+        // Registered drifts 10x between rounds; bounce stays at half of it.
+        let iops = vec![vec![100.0, 1000.0, 10.0], vec![50.0, 500.0, 5.0]];
+        assert_eq!(paired_ratios(&iops), vec![1.0, 0.5]);
+        // A mode slower in two rounds of three has a paired median below 1.
+        let iops = vec![vec![10.0, 10.0, 10.0], vec![9.0, 30.0, 8.0]];
+        assert_eq!(paired_ratios(&iops)[1], 0.9);
+        assert!(paired_ratios(&[]).is_empty());
+    }
 
     #[test]
     fn kebab_splits_words() {
