@@ -36,12 +36,9 @@ def modes(report):
 
 
 def fio(img, bs, depth, runtime, fixedbufs):
-    cmd = ["fio", "--name=job", f"--filename={img}", "--direct=1", "--ioengine=io_uring",
-           "--rw=randread", f"--bs={bs}", f"--iodepth={depth}", f"--runtime={runtime}",
-           "--time_based", "--output-format=json"]
-    if fixedbufs:
-        cmd.append("--fixedbufs")
-    job = json.loads(common.run(cmd))["jobs"][0]
+    """IOPS and CPU µs per request of fio random reads."""
+    job = common.fio_job(img, "randread", bs, depth, runtime,
+                         ["--fixedbufs"] if fixedbufs else [])
     # fio's usr/sys_cpu are percent of its runtime, of its one job thread.
     cpu_s = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
     return job["read"]["iops"], cpu_s / max(job["read"]["total_ios"], 1) * 1e6
@@ -61,8 +58,14 @@ def main():
     img = a.img or common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
     sock = os.path.join(common.OUT, "qsd.sock")
     polls = [int(p) for p in a.poll.split(",")]
-    rounds = ["--rounds", str(a.rounds)]
     rows = []
+
+    def row(target, blockdev, bs, depth, poll):
+        """One `blkvm bench --buffers all` row of the table."""
+        rep = common.bench(blockdev, "randread", bs, depth, a.runtime, "all",
+                           ["--rounds", str(a.rounds), "--poll-max-ns", str(poll)])
+        rows.append({"target": target, "bs": bs, "iodepth": depth, "poll": poll,
+                     **modes(rep)})
     backings = {
         "null-co": ["driver=null-co,node-name=d0,size=1073741824"],
         # QEMU insists on host_device for block devices.
@@ -75,20 +78,14 @@ def main():
         try:
             for poll in polls:
                 for bs, depth in SHAPES:
-                    rep = common.bench(f"virtio-blk-vhost-user,path={sock},node-name=v0",
-                                       "randread", bs, depth, a.runtime, "all",
-                                       rounds + ["--poll-max-ns", str(poll)])
-                    rows.append({"target": f"qsd vhost-user-blk, {backing}", "bs": bs,
-                                 "iodepth": depth, "poll": poll, **modes(rep)})
+                    row(f"qsd vhost-user-blk, {backing}",
+                        f"virtio-blk-vhost-user,path={sock},node-name=v0", bs, depth, poll)
         finally:
             d.stop()
     native = f"file,filename={img},aio=io_uring,cache.direct=on,node-name=f0"
     for poll in polls:
         for bs, depth in [(4096, 1), (4096, 32)]:
-            rep = common.bench(native, "randread", bs, depth, a.runtime, "all",
-                               rounds + ["--poll-max-ns", str(poll)])
-            rows.append({"target": "native file,aio=io_uring", "bs": bs, "iodepth": depth,
-                         "poll": poll, **modes(rep)})
+            row("native file,aio=io_uring", native, bs, depth, poll)
     # The reference tool on the same file: fio's io_uring engine with and
     # without --fixedbufs (registered buffers), rounds interleaved.
     fio_rows = []

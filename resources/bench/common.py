@@ -36,6 +36,16 @@ def bench(blockdev, rw, bs, depth, runtime, buffers="registered", extra=()):
     return json.loads(out)
 
 
+def fio_job(img, rw, bs, depth, runtime, extra=(), runner=None):
+    """fio's JSON report of its one job: io_uring, O_DIRECT, time based.
+    `runner` runs the command line (default: `run`)."""
+    out = (runner or run)(["fio", "--name=job", f"--filename={img}", "--direct=1",
+                           "--ioengine=io_uring", f"--rw={rw}", f"--bs={bs}",
+                           f"--iodepth={depth}", f"--runtime={runtime}", "--time_based",
+                           "--output-format=json", *extra])
+    return json.loads(out)["jobs"][0]
+
+
 def scratch_image(path, size_mib):
     """A file of `size_mib` MiB filled with data (O_DIRECT reads of holes
     would not touch the disk)."""

@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKLOADS = [
     # (name, rw, bs, iodepth)
@@ -48,10 +50,7 @@ def blkvm(blkvm_bin, img, rw, bs, depth, runtime, aio="io_uring"):
 
 
 def fio(img, rw, bs, depth, runtime):
-    out = run(["fio", "--name=job", f"--filename={img}", "--direct=1", "--ioengine=io_uring",
-               f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}", f"--runtime={runtime}",
-               "--time_based", "--output-format=json"])
-    job = json.loads(out)["jobs"][0]
+    job = common.fio_job(img, rw, bs, depth, runtime, runner=run)
     return job["write" if "write" in rw else "read"]["iops"]
 
 

@@ -116,6 +116,11 @@ impl Report {
         }
     }
 
+    /// IOPS over both directions.
+    pub fn iops(&self) -> f64 {
+        self.total.iops
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "buffers": kebab(&self.buffers),
@@ -160,13 +165,6 @@ impl Report {
             self.cpu_ns_per_io / 1000.0
         );
         s
-    }
-}
-
-impl Report {
-    /// IOPS over both directions.
-    pub fn iops(&self) -> f64 {
-        self.total.iops
     }
 }
 
