@@ -18,6 +18,7 @@ microseconds, so a sleeping client measures mostly its own wake-ups.
 
 import argparse
 import json
+import math
 import os
 import stat
 
@@ -26,13 +27,45 @@ import common
 SHAPES = [(512, 1), (4096, 32)]
 
 
+def median_ci(xs, level=0.95):
+    """A distribution-free confidence interval for the median of `xs`:
+    the k-th smallest and k-th largest values, with k the largest order
+    such that fewer than k of n samples fall below the median with
+    probability at most (1 - level) / 2 (a binomial(n, 1/2) tail)."""
+    xs = sorted(xs)
+    n = len(xs)
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2 ** n
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    if k == 0:
+        return None  # too few rounds for this level
+    return xs[k - 1], xs[n - k]
+
+
 def modes(report):
-    """Each mode's median IOPS, and its IOPS over registered's paired
-    within rounds (median over rounds)."""
+    """Each mode's median IOPS, and registered's IOPS over each mode's
+    paired within rounds: the median over rounds and its 95% interval."""
     out = {r["buffers"]: r["iops"] for r in report["runs"]}
     out["cpu_us"] = {r["buffers"]: r["cpu_ns_per_io"] / 1000 for r in report["runs"]}
-    out["paired"] = report["paired_ratio_to_registered"]
+    rounds = report["round_iops"]
+    out["registered_over"] = {}
+    for m in ("bounce", "map-per-request"):
+        ratios = [r / x for r, x in zip(rounds["registered"], rounds[m]) if x > 0]
+        out["registered_over"][m] = {"median": common.median(ratios),
+                                     "ci95": median_ci(ratios),
+                                     "rounds_at_least_1": sum(q >= 1 for q in ratios),
+                                     "rounds": len(ratios)}
+    out["round_iops"] = rounds
     return out
+
+
+def ratio(q):
+    """`1.02x [0.91-1.10]`: a paired median ratio and its interval."""
+    ci = q["ci95"]
+    return f"{q['median']:.2f}x" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
 
 
 def fio(img, bs, depth, runtime, fixedbufs):
@@ -46,8 +79,9 @@ def fio(img, bs, depth, runtime, fixedbufs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runtime", type=float, default=1)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runtime", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=12,
+                    help="a multiple of 6 runs every order of the three modes equally often")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--img", help="file or block device to use instead of a scratch file")
     ap.add_argument("--poll", default="0,32768",
@@ -104,20 +138,24 @@ def main():
     if a.json:
         print(json.dumps({"blkvm": rows, "fio": fio_rows}, indent=2))
         return
-    print(f"IOPS: median of {a.rounds} interleaved rounds of {a.runtime:g} s per mode. Ratios: "
-          "median over rounds of the ratio within a round. "
+    print(f"IOPS: median of {a.rounds} interleaved rounds of {a.runtime:g} s per mode (the "
+          "order changes every round; six rounds hold every order). Ratios: median over "
+          "rounds of the ratio within a round, with its 95% interval (order statistics) "
+          "where there are enough rounds; 'rounds ≥ 1': rounds in which registered was at "
+          "least as fast as bounce. "
           "For native io_uring, 'bounce' means plain unregistered memory (the kernel "
           "pins pages per request; no copy).\n")
     out = []
     for r in rows:
         reg, bnc, mpr = r["registered"], r["bounce"], r["map-per-request"]
-        # registered/X is 1 / (X/registered), paired within each round.
-        pb, pm = r["paired"]["bounce"], r["paired"]["map-per-request"]
+        over = r["registered_over"]
         client = f"polls {r['poll']} ns" if r["poll"] else "sleeps"
         out.append([r["target"], f"{r['bs']} qd{r['iodepth']}", client, f"{reg:.0f}", f"{bnc:.0f}",
-                    f"{mpr:.0f}", f"{1 / pb:.2f}x", f"{1 / pm:.2f}x"])
+                    f"{mpr:.0f}", ratio(over["bounce"]),
+                    f"{over['bounce']['rounds_at_least_1']}/{over['bounce']['rounds']}",
+                    ratio(over["map-per-request"])])
     print(common.table(["target", "shape", "client", "registered", "bounce", "map-per-request",
-                        "registered/bounce", "registered/map"], out))
+                        "registered/bounce", "rounds ≥ 1", "registered/map"], out))
     print("\nCPU time of the submitting thread per request (us), sleeping clients; a "
           "polling client spends its poll window too:\n")
     out = []

@@ -41,7 +41,7 @@ def fio_job(img, rw, bs, depth, runtime, extra=(), runner=None):
     `runner` runs the command line (default: `run`)."""
     out = (runner or run)(["fio", "--name=job", f"--filename={img}", "--direct=1",
                            "--ioengine=io_uring", f"--rw={rw}", f"--bs={bs}",
-                           f"--iodepth={depth}", f"--runtime={runtime}", "--time_based",
+                           f"--iodepth={depth}", f"--runtime={round(runtime * 1000)}ms", "--time_based",
                            "--output-format=json", *extra])
     return json.loads(out)["jobs"][0]
 

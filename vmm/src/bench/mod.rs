@@ -49,9 +49,10 @@ pub struct BenchArgs {
     /// around each request, or all three in turn.
     #[arg(long, value_enum, default_value = "registered")]
     buffers: BuffersArg,
-    /// Repeat the run(s) this many times, modes interleaved (each round
-    /// starting with the next mode), and report each mode's median run (the
-    /// disks here are noisy).
+    /// Repeat the run(s) this many times, modes interleaved (the order
+    /// changes each round; with --buffers all, six rounds hold every
+    /// order), and report each mode's median run (the disks here are
+    /// noisy).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
     /// Busy-poll the node's queue for a completion for up to this many ns
@@ -107,6 +108,22 @@ pub enum Progress {
     Off,
 }
 
+/// The order of `n` modes in round `round`. Rounds go through every
+/// rotation of the modes, then every rotation reversed: for three modes,
+/// six rounds hold all six orders, so each mode runs first equally often
+/// and after each other mode equally often. Rotations alone would always
+/// run registered right after map-per-request, whose slow, mostly idle
+/// requests leave the next run starting cold, and so bias the comparison
+/// against registered.
+fn round_order(n: usize, round: usize) -> Vec<usize> {
+    let rotated = (0..n).map(|k| (k + round) % n);
+    if (round / n.max(1)) % 2 == 0 {
+        rotated.collect()
+    } else {
+        rotated.rev().collect()
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     qapi::parse_size(s).map_err(|e| e.to_string())
 }
@@ -155,12 +172,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut queue = node.open_queue()?;
     let modes = args.buffers.modes();
     let mut runs: Vec<Vec<report::Report>> = modes.iter().map(|_| Vec::new()).collect();
-    // Each round starts one mode later than the last, so no one mode
-    // always runs right after map-per-request (which can leave a daemon
-    // slower for a moment) or first, on a cold queue.
     for round in 0..args.rounds as usize {
-        let order = (0..modes.len()).map(|k| (k + round) % modes.len());
-        for i in order {
+        for i in round_order(modes.len(), round) {
             let buffers = modes[i];
             let spec = job::JobSpec {
                 buffers,
@@ -188,10 +201,47 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report::to_json(&reports, &paired, &stats))?
+            serde_json::to_string_pretty(&report::to_json(&reports, &paired, &iops, &stats))?
         );
     } else {
         print!("{}", report::to_text(&reports, &paired, &stats));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn six_rounds_of_three_modes_balance_first_places_and_predecessors() {
+        let mut first = [0; 3];
+        let mut after = [[0; 3]; 3];
+        let mut orders = std::collections::HashSet::new();
+        for round in 0..6 {
+            let o = round_order(3, round);
+            let mut sorted = o.clone();
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2], "round {round}: {o:?}");
+            first[o[0]] += 1;
+            for w in o.windows(2) {
+                after[w[1]][w[0]] += 1;
+            }
+            orders.insert(o);
+        }
+        assert_eq!(orders.len(), 6);
+        assert_eq!(first, [2, 2, 2]);
+        for (m, preds) in after.iter().enumerate() {
+            for (p, &count) in preds.iter().enumerate() {
+                assert_eq!(count, if m == p { 0 } else { 2 }, "{m} after {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_mode_always_runs_alone() {
+        for round in 0..4 {
+            assert_eq!(round_order(1, round), [0]);
+        }
+    }
 }

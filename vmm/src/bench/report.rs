@@ -184,7 +184,11 @@ pub fn paired_ratios(iops: &[Vec<f64>]) -> Vec<f64> {
                 .map(|(m, b)| if *b > 0.0 { m / b } else { 0.0 })
                 .collect();
             r.sort_by(f64::total_cmp);
-            r.get(r.len() / 2).copied().unwrap_or(0.0)
+            match r.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => r[n / 2],
+                n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+            }
         })
         .collect()
 }
@@ -220,7 +224,12 @@ fn paths_json(stats: &NodeStatsSnapshot) -> Value {
 /// One run: its report. Several: each, plus ratios to the first
 /// (registered) run: of the medians, and paired per round
 /// ([`paired_ratios`]).
-pub fn to_json(reports: &[Report], paired: &[f64], stats: &NodeStatsSnapshot) -> Value {
+pub fn to_json(
+    reports: &[Report],
+    paired: &[f64],
+    rounds: &[Vec<f64>],
+    stats: &NodeStatsSnapshot,
+) -> Value {
     let mut v = match reports {
         [one] => one.to_json(),
         _ => json!({
@@ -233,6 +242,13 @@ pub fn to_json(reports: &[Report], paired: &[f64], stats: &NodeStatsSnapshot) ->
                 .iter()
                 .zip(paired)
                 .map(|(r, p)| (kebab(&r.buffers), json!(p)))
+                .collect::<serde_json::Map<_, _>>(),
+            // Every run's IOPS, per mode in round order, for analyses
+            // the medians hide (order effects, drift).
+            "round_iops": reports
+                .iter()
+                .zip(rounds)
+                .map(|(r, i)| (kebab(&r.buffers), json!(i)))
                 .collect::<serde_json::Map<_, _>>(),
         }),
     };
@@ -288,6 +304,9 @@ mod tests {
         // A mode slower in two rounds of three has a paired median below 1.
         let iops = vec![vec![10.0, 10.0, 10.0], vec![9.0, 30.0, 8.0]];
         assert_eq!(paired_ratios(&iops)[1], 0.9);
+        // An even number of rounds takes the mean of the middle two.
+        let iops = vec![vec![10.0; 4], vec![5.0, 8.0, 12.0, 30.0]];
+        assert_eq!(paired_ratios(&iops)[1], 1.0);
         assert!(paired_ratios(&[]).is_empty());
     }
 
