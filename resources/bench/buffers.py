@@ -25,6 +25,7 @@ import stat
 import common
 
 SHAPES = [(512, 1), (4096, 32)]
+TARGETS = ["qsd-null-co", "qsd-file", "native", "fio"]
 
 
 def median_ci(xs, level=0.95):
@@ -68,10 +69,11 @@ def ratio(q):
     return f"{q['median']:.2f}x" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
 
 
-def fio(img, bs, depth, runtime, fixedbufs):
+def fio(img, bs, depth, runtime, ramp, fixedbufs):
     """IOPS and CPU µs per request of fio random reads."""
     job = common.fio_job(img, "randread", bs, depth, runtime,
-                         ["--fixedbufs"] if fixedbufs else [])
+                         [f"--ramp_time={round(ramp * 1000)}ms"]
+                         + (["--fixedbufs"] if fixedbufs else []))
     # fio's usr/sys_cpu are percent of its runtime, of its one job thread.
     cpu_s = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1000
     return job["read"]["iops"], cpu_s / max(job["read"]["total_ios"], 1) * 1e6
@@ -82,12 +84,20 @@ def main():
     ap.add_argument("--runtime", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=12,
                     help="a multiple of 6 runs every order of the three modes equally often")
+    ap.add_argument("--ramp", type=float, default=0.25,
+                    help="seconds each run runs unmeasured first (bench --ramp-time, "
+                    "fio --ramp_time): a thread that was idle runs slower for a while here")
+    ap.add_argument("--only", default=",".join(TARGETS),
+                    help=f"comma-separated targets to run, of {','.join(TARGETS)}")
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--img", help="file or block device to use instead of a scratch file")
     ap.add_argument("--poll", default="0,32768",
                     help="comma-separated client --poll-max-ns values to run")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    only = set(a.only.split(","))
+    if only - set(TARGETS):
+        ap.error(f"--only: unknown targets {','.join(sorted(only - set(TARGETS)))}")
     common.build()
     img = a.img or common.scratch_image(os.path.join(common.OUT, "bench.img"), a.size_mib)
     sock = os.path.join(common.OUT, "qsd.sock")
@@ -97,7 +107,8 @@ def main():
     def row(target, blockdev, bs, depth, poll):
         """One `blkvm bench --buffers all` row of the table."""
         rep = common.bench(blockdev, "randread", bs, depth, a.runtime, "all",
-                           ["--rounds", str(a.rounds), "--poll-max-ns", str(poll)])
+                           ["--rounds", str(a.rounds), "--poll-max-ns", str(poll),
+                            "--ramp-time", str(a.ramp)])
         rows.append({"target": target, "bs": bs, "iodepth": depth, "poll": poll,
                      **modes(rep)})
     backings = {
@@ -108,6 +119,8 @@ def main():
                  "driver=raw,node-name=d0,file=f0"],
     }
     for backing, nodes in backings.items():
+        if f"qsd-{backing}" not in only:
+            continue
         d = common.qsd_daemon(nodes, sock)
         try:
             for poll in polls:
@@ -117,17 +130,17 @@ def main():
         finally:
             d.stop()
     native = f"file,filename={img},aio=io_uring,cache.direct=on,node-name=f0"
-    for poll in polls:
+    for poll in polls if "native" in only else []:
         for bs, depth in [(4096, 1), (4096, 32)]:
             row("native file,aio=io_uring", native, bs, depth, poll)
     # The reference tool on the same file: fio's io_uring engine with and
     # without --fixedbufs (registered buffers), rounds interleaved.
     fio_rows = []
-    for depth in (1, 32):
+    for depth in (1, 32) if "fio" in only else ():
         runs = {True: [], False: []}
         for i in range(a.rounds):
             for fixed in ((True, False) if i % 2 == 0 else (False, True)):
-                runs[fixed].append(fio(img, 4096, depth, a.runtime, fixed))
+                runs[fixed].append(fio(img, 4096, depth, a.runtime, a.ramp, fixed))
         paired = sorted(f[0] / u[0] for f, u in zip(runs[True], runs[False]))
         fio_rows.append({"target": "fio io_uring, direct=1", "bs": 4096, "iodepth": depth,
                          "fixedbufs": common.median([r[0] for r in runs[True]]),
@@ -138,7 +151,8 @@ def main():
     if a.json:
         print(json.dumps({"blkvm": rows, "fio": fio_rows}, indent=2))
         return
-    print(f"IOPS: median of {a.rounds} interleaved rounds of {a.runtime:g} s per mode (the "
+    print(f"IOPS: median of {a.rounds} interleaved rounds of {a.runtime:g} s per mode, each "
+          f"after {a.ramp:g} s unmeasured (the "
           "order changes every round; six rounds hold every order). Ratios: median over "
           "rounds of the ratio within a round, with its 95% interval (order statistics) "
           "where there are enough rounds; 'rounds ≥ 1': rounds in which registered was at "

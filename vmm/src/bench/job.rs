@@ -63,6 +63,9 @@ pub struct JobSpec {
     pub size: u64,
     pub runtime: Option<Duration>,
     pub count: Option<u64>,
+    /// Run this long before measuring (fio's ramp_time): completions in
+    /// the ramp are not counted, and the runtime starts after it.
+    pub ramp: Duration,
     /// Busy-poll for a completion this long before sleeping, ns (0: sleep
     /// at once).
     pub poll_max_ns: u64,
@@ -212,15 +215,16 @@ fn run_with(
         lat_ns: Vec::with_capacity(expected),
         ..OpResult::default()
     };
-    let begin = Instant::now();
-    let cpu_begin = thread_cpu_time();
-    let deadline = spec.runtime.map(|r| begin + r);
-    let more = |issued: u64, now: Instant| {
+    let mut begin = Instant::now();
+    let mut cpu_begin = thread_cpu_time();
+    let mut ramp_end = (!spec.ramp.is_zero()).then(|| begin + spec.ramp);
+    let mut deadline = spec.runtime.map(|r| begin + spec.ramp + r);
+    let more = |issued: u64, now: Instant, deadline: Option<Instant>| {
         spec.count.is_none_or(|c| issued < c) && deadline.is_none_or(|d| now < d)
     };
     let mut failure = None;
     for slot in 0..spec.iodepth {
-        if !more(iss.issued, Instant::now()) {
+        if !more(iss.issued, Instant::now(), deadline) {
             break;
         }
         iss.submit(queue, slot)?;
@@ -241,6 +245,21 @@ fn run_with(
             queue.wait_completions(1, &mut done);
         }
         let now = Instant::now();
+        if ramp_end.is_some_and(|end| now >= end) {
+            // The ramp is over: measure from here. Requests in flight now
+            // count when they complete.
+            ramp_end = None;
+            for r in [&mut read, &mut write] {
+                r.ios = 0;
+                r.bytes = 0;
+                r.lat_ns.clear();
+            }
+            begin = now;
+            deadline = spec.runtime.map(|r| now + r);
+            cpu_begin = thread_cpu_time();
+            last_progress = now;
+            last_ios = 0;
+        }
         for mut c in done.drain(..) {
             let slot = c.request.user_data as usize;
             let r = if c.request.op() == RequestOp::Write {
@@ -264,7 +283,7 @@ fn run_with(
             }
             iss.iovecs[slot] = c.request.take_iovecs();
             iss.finish(slot);
-            if failure.is_none() && more(iss.issued, now) {
+            if failure.is_none() && more(iss.issued, now, deadline) {
                 if let Err(e) = iss.submit(queue, slot) {
                     failure.get_or_insert(e);
                 }
@@ -364,6 +383,7 @@ mod tests {
             size: 1 << 20,
             runtime: None,
             count: Some(50),
+            ramp: Duration::ZERO,
             poll_max_ns,
             progress: false,
         };
@@ -393,5 +413,47 @@ mod tests {
         let (r, waits) = run_counting(0);
         assert_eq!(r.read.ios, 50);
         assert!(waits >= 25, "slept only {waits} times for 50 requests");
+    }
+
+    #[test]
+    fn a_ramp_runs_first_and_is_not_counted() {
+        let mut graph = BlockGraph::new();
+        // 1 ms per request at depth 1: about 100 in the ramp, 100 after it.
+        let opts = qapi::parse_blockdev("null-co,node-name=n0,size=1M,latency-ns=1000000").unwrap();
+        let node = graph.add(&opts).unwrap();
+        let mut q = Counting {
+            inner: node.open_queue().unwrap(),
+            waits: 0,
+        };
+        let spec = JobSpec {
+            buffers: BufferMode::Registered,
+            pattern: Pattern::Randread,
+            rwmixread: 100,
+            bs: 4096,
+            iodepth: 1,
+            size: 1 << 20,
+            runtime: Some(Duration::from_millis(100)),
+            count: None,
+            ramp: Duration::from_millis(100),
+            poll_max_ns: 0,
+            progress: false,
+        };
+        let started = Instant::now();
+        let r = run(&mut q, graph.registrar(), &spec).unwrap();
+        let wall = started.elapsed();
+        assert!(wall >= Duration::from_millis(200), "ran {wall:?}");
+        // Measured time is the runtime alone (plus the last request).
+        assert!(
+            r.elapsed >= Duration::from_millis(100) && r.elapsed < wall - Duration::from_millis(90),
+            "measured {:?} of {wall:?}",
+            r.elapsed
+        );
+        // At most one request per ms of measured time, plus the one in
+        // flight when the ramp ended.
+        let most = r.elapsed.as_millis() as u64 + 1;
+        assert!(r.read.ios >= 1 && r.read.ios <= most, "{} ios", r.read.ios);
+        assert_eq!(r.read.lat_ns.len() as u64, r.read.ios);
+        // Every request issued, ramp included, went through the queue.
+        assert!(q.waits as u64 > r.read.ios, "{} waits", q.waits);
     }
 }

@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// Stop after this many requests.
     #[arg(long)]
     count: Option<u64>,
+    /// Seconds to run each run before measuring it (fio's ramp_time):
+    /// these hosts run a thread slower for about a second after it has
+    /// been idle or mostly idle.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "count")]
+    ramp_time: f64,
     /// Bytes of the node to use, from offset 0 (default: all of it).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
@@ -117,7 +122,7 @@ pub enum Progress {
 /// against registered.
 fn round_order(n: usize, round: usize) -> Vec<usize> {
     let rotated = (0..n).map(|k| (k + round) % n);
-    if (round / n.max(1)) % 2 == 0 {
+    if (round / n.max(1)).is_multiple_of(2) {
         rotated.collect()
     } else {
         rotated.rev().collect()
@@ -164,6 +169,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (None, Some(_)) => None,
         (None, None) => Some(std::time::Duration::from_secs(10)),
     };
+    if !(args.ramp_time >= 0.0 && args.ramp_time.is_finite()) {
+        bail!("--ramp-time must be a non-negative number of seconds");
+    }
+    let ramp = std::time::Duration::from_secs_f64(args.ramp_time);
     let progress = match args.progress {
         Progress::Auto => !args.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         Progress::On => true,
@@ -184,6 +193,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 size,
                 runtime,
                 count: args.count,
+                ramp,
                 poll_max_ns: args.poll_max_ns,
                 progress,
             };

@@ -83,6 +83,7 @@ pub struct Report {
     bs: u64,
     iodepth: usize,
     poll_max_ns: u64,
+    ramp_s: f64,
     secs: f64,
     /// CPU time of the benchmark thread per request, ns.
     cpu_ns_per_io: f64,
@@ -108,6 +109,7 @@ impl Report {
             bs: spec.bs,
             iodepth: spec.iodepth,
             poll_max_ns: spec.poll_max_ns,
+            ramp_s: spec.ramp.as_secs_f64(),
             secs,
             cpu_ns_per_io: r.cpu.as_nanos() as f64 / (all.ios.max(1) as f64),
             total: OpSummary::new(&all, secs),
@@ -130,6 +132,7 @@ impl Report {
             "bs": self.bs,
             "iodepth": self.iodepth,
             "poll_max_ns": self.poll_max_ns,
+            "ramp_time_s": self.ramp_s,
             "runtime_s": self.secs,
             "cpu_ns_per_io": self.cpu_ns_per_io,
             "ios": self.total.ios,
