@@ -129,6 +129,16 @@ fn round_order(n: usize, round: usize) -> Vec<usize> {
     }
 }
 
+/// `v` seconds of option `name` as a duration: finite, not negative,
+/// not beyond what a `Duration` holds, and not zero unless `zero_ok`.
+fn seconds(name: &str, v: f64, zero_ok: bool) -> Result<std::time::Duration> {
+    match std::time::Duration::try_from_secs_f64(v) {
+        Ok(d) if zero_ok || !d.is_zero() => Ok(d),
+        _ if zero_ok => bail!("{name} must be a non-negative number of seconds, not {v}"),
+        _ => bail!("{name} must be a positive number of seconds, not {v}"),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     qapi::parse_size(s).map_err(|e| e.to_string())
 }
@@ -162,17 +172,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let runtime = match (args.runtime, args.count) {
-        (Some(r), _) if !(r > 0.0 && r.is_finite()) => {
-            bail!("--runtime must be a positive number of seconds")
-        }
-        (Some(r), _) => Some(std::time::Duration::from_secs_f64(r)),
+        (Some(r), _) => Some(seconds("--runtime", r, false)?),
         (None, Some(_)) => None,
         (None, None) => Some(std::time::Duration::from_secs(10)),
     };
-    if !(args.ramp_time >= 0.0 && args.ramp_time.is_finite()) {
-        bail!("--ramp-time must be a non-negative number of seconds");
-    }
-    let ramp = std::time::Duration::from_secs_f64(args.ramp_time);
+    let ramp = seconds("--ramp-time", args.ramp_time, true)?;
     let progress = match args.progress {
         Progress::Auto => !args.json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         Progress::On => true,
@@ -221,7 +225,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::round_order;
+    use super::{round_order, seconds};
+
+    #[test]
+    fn seconds_refuse_what_a_duration_cannot_hold() {
+        assert_eq!(seconds("--runtime", 0.25, false).unwrap().as_millis(), 250);
+        assert!(seconds("--ramp-time", 0.0, true).unwrap().is_zero());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e30] {
+            let e = seconds("--runtime", bad, false).unwrap_err().to_string();
+            assert!(e.starts_with("--runtime must be a positive number"), "{e}");
+        }
+        let e = seconds("--ramp-time", -0.5, true).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--ramp-time must be a non-negative number of seconds, not -0.5"
+        );
+    }
 
     #[test]
     fn six_rounds_of_three_modes_balance_first_places_and_predecessors() {
