@@ -365,30 +365,52 @@ mod tests {
         }
     }
 
-    fn run_counting(poll_max_ns: u64) -> (JobResult, usize) {
+    /// `spec`'s job on a null-co node answering after `latency_ns`,
+    /// through a queue that counts its waits; with the job's wall time.
+    fn run_counted(latency_ns: u64, spec: JobSpec) -> (JobResult, usize, Duration) {
         let mut graph = BlockGraph::new();
-        // 200 µs per request: far inside a 1 s poll window.
-        let opts = qapi::parse_blockdev("null-co,node-name=n0,size=1M,latency-ns=200000").unwrap();
+        let opts = qapi::parse_blockdev(&format!(
+            "null-co,node-name=n0,size=1M,latency-ns={latency_ns}"
+        ))
+        .unwrap();
         let node = graph.add(&opts).unwrap();
         let mut q = Counting {
             inner: node.open_queue().unwrap(),
             waits: 0,
         };
-        let spec = JobSpec {
+        let started = Instant::now();
+        let r = run(&mut q, graph.registrar(), &spec).unwrap();
+        (r, q.waits, started.elapsed())
+    }
+
+    /// Random 4 KiB reads at depth 1 over the node's 1 MiB, nothing else
+    /// set: each test fills in how long to run.
+    fn spec() -> JobSpec {
+        JobSpec {
             buffers: BufferMode::Registered,
             pattern: Pattern::Randread,
             rwmixread: 100,
             bs: 4096,
-            iodepth: 2,
+            iodepth: 1,
             size: 1 << 20,
             runtime: None,
-            count: Some(50),
+            count: None,
             ramp: Duration::ZERO,
-            poll_max_ns,
+            poll_max_ns: 0,
             progress: false,
+        }
+    }
+
+    fn run_counting(poll_max_ns: u64) -> (JobResult, usize) {
+        // 200 µs per request: far inside a 1 s poll window.
+        let spec = JobSpec {
+            iodepth: 2,
+            count: Some(50),
+            poll_max_ns,
+            ..spec()
         };
-        let r = run(&mut q, graph.registrar(), &spec).unwrap();
-        (r, q.waits)
+        let (r, waits, _) = run_counted(200_000, spec);
+        (r, waits)
     }
 
     #[test]
@@ -417,30 +439,13 @@ mod tests {
 
     #[test]
     fn a_ramp_runs_first_and_is_not_counted() {
-        let mut graph = BlockGraph::new();
         // 1 ms per request at depth 1: about 100 in the ramp, 100 after it.
-        let opts = qapi::parse_blockdev("null-co,node-name=n0,size=1M,latency-ns=1000000").unwrap();
-        let node = graph.add(&opts).unwrap();
-        let mut q = Counting {
-            inner: node.open_queue().unwrap(),
-            waits: 0,
-        };
         let spec = JobSpec {
-            buffers: BufferMode::Registered,
-            pattern: Pattern::Randread,
-            rwmixread: 100,
-            bs: 4096,
-            iodepth: 1,
-            size: 1 << 20,
             runtime: Some(Duration::from_millis(100)),
-            count: None,
             ramp: Duration::from_millis(100),
-            poll_max_ns: 0,
-            progress: false,
+            ..spec()
         };
-        let started = Instant::now();
-        let r = run(&mut q, graph.registrar(), &spec).unwrap();
-        let wall = started.elapsed();
+        let (r, waits, wall) = run_counted(1_000_000, spec);
         assert!(wall >= Duration::from_millis(200), "ran {wall:?}");
         // Measured time is the runtime alone (plus the last request).
         assert!(
@@ -454,6 +459,6 @@ mod tests {
         assert!(r.read.ios >= 1 && r.read.ios <= most, "{} ios", r.read.ios);
         assert_eq!(r.read.lat_ns.len() as u64, r.read.ios);
         // Every request issued, ramp included, went through the queue.
-        assert!(q.waits as u64 > r.read.ios, "{} waits", q.waits);
+        assert!(waits as u64 > r.read.ios, "{waits} waits");
     }
 }
