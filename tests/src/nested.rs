@@ -241,11 +241,32 @@ impl NestedVm {
     /// without a word, with QEMU/KVM as L1's VMM as with blkvm: TCG's
     /// doing, not anything L1 or L2 ran. Such a run says nothing about
     /// blkvm, so it is run again, up to [`L1_CRASH_RETRIES`] times, with
-    /// the crash printed; every other failure counts.
+    /// the crash printed; every other failure counts. So is an L1 that
+    /// does not get ready within [`L1_BOOT_TIMEOUT`]: TCG has also been
+    /// seen to stop L1's kernel mid-boot, before any test code ran.
     pub fn run(&self) -> Result<NestedOutput> {
         let mut attempt = 0;
         loop {
-            let output = self.spawn()?.wait()?;
+            let mut vm = self.spawn()?;
+            if let Err(e) = vm.wait_ready_within(L1_BOOT_TIMEOUT) {
+                let console = vm.console();
+                // L1's /init says BLKVM-ERROR when it cannot go on (no
+                // /dev/kvm, a module that will not load): that is no
+                // accident of TCG, and booting again would not change it.
+                if attempt < L1_CRASH_RETRIES && !console.contains("BLKVM-ERROR") {
+                    attempt += 1;
+                    let lines: Vec<&str> = console.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(3)..];
+                    eprintln!(
+                        "L1 did not get ready (TCG); running L1 again ({attempt}/{L1_CRASH_RETRIES}): {}\n  last lines: {:?}",
+                        e.to_string().lines().next().unwrap_or(""),
+                        tail
+                    );
+                    continue;
+                }
+                return Err(e);
+            }
+            let output = vm.wait()?;
             if output.l1_kernel_crashed() && attempt < L1_CRASH_RETRIES {
                 attempt += 1;
                 eprintln!(
@@ -357,8 +378,12 @@ impl NestedVm {
 }
 
 /// How many times [`NestedVm::run`] boots L1 again after its kernel
-/// crashed under TCG.
+/// crashed or stopped under TCG.
 pub const L1_CRASH_RETRIES: u32 = 2;
+
+/// How long [`NestedVm::run`] gives L1 to load KVM and get ready (it
+/// takes about 10 s here) before it counts the boot as stopped.
+pub const L1_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A kernel's line telling of an oops or a panic.
 fn is_kernel_crash(line: &str) -> bool {
@@ -384,10 +409,17 @@ impl RunningNestedVm {
     /// Waits until L1 has loaded KVM and is about to run its script, and
     /// returns the time since QEMU started.
     pub fn wait_ready(&mut self) -> Result<Duration> {
+        self.wait_ready_within(self.timeout)
+    }
+
+    /// As [`wait_ready`](Self::wait_ready), but fails once `limit` has
+    /// passed since QEMU started (or the whole timeout, if sooner).
+    pub fn wait_ready_within(&mut self, limit: Duration) -> Result<Duration> {
         if let Some(time) = self.vm.line_time() {
             return Ok(time);
         }
-        let left = (self.started + self.timeout).saturating_duration_since(Instant::now());
+        let end = self.started + limit.min(self.timeout);
+        let left = end.saturating_duration_since(Instant::now());
         self.vm.wait_for(READY_MARKER, left)?;
         self.vm
             .line_time()
