@@ -9,7 +9,11 @@
 //!
 //! With `poll-max-ns > 0` the loop busy-polls before it sleeps, as QEMU's
 //! `aio_poll` does: every subscriber's [`IoSubscriber::poll`] hook is run
-//! until one finds work or the poll time runs out. The poll time adapts:
+//! until one finds work or the poll time runs out. While the loop polls,
+//! subscribers may turn their notifications off ([`IoSubscriber::poll_begin`]);
+//! they stay off as long as polling keeps finding work, and are turned back
+//! on, with one last look for work, only before the thread sleeps
+//! ([`IoSubscriber::poll_end`]). The poll time adapts:
 //! it grows (by `poll-grow`, from 4 µs) while the loop keeps sleeping less
 //! than `poll-max-ns`, and shrinks (by `poll-shrink`, or to 0) after a
 //! sleep longer than that.
@@ -33,17 +37,33 @@ const POLL_START_NS: u64 = 4000;
 const DEFAULT_POLL_GROW: u64 = 2;
 
 /// What runs on an IOThread: an event-manager subscriber that may also
-/// offer a busy-poll hook.
+/// offer busy-poll hooks (QEMU's `io_poll`, `io_poll_begin`,
+/// `io_poll_end`).
 pub trait IoSubscriber: MutEventSubscriber + Send {
+    /// The thread starts polling: notifications the poll makes redundant
+    /// (the driver's kicks) may be turned off until [`IoSubscriber::poll_end`].
+    fn poll_begin(&mut self) {}
+
     /// Busy-poll hook: looks for work without waiting (a new avail entry,
     /// finished node requests) and does it. Returns whether it found any.
     fn poll(&mut self) -> bool {
         false
     }
 
+    /// The thread stops polling and is about to sleep: turn notifications
+    /// back on, and do (and report) any work that arrived while they were
+    /// off, which no notification will announce.
+    fn poll_end(&mut self) -> bool {
+        false
+    }
+
     /// The subscriber as `Any`, so its owner can take it back by type
     /// ([`IoThread::remove_as`]).
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+
+    /// The subscriber as `Any`, so its owner can reach it by type in
+    /// place ([`IoThread::with_subscriber`]).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 type Sub = Box<dyn IoSubscriber>;
@@ -101,8 +121,7 @@ impl PollList {
     }
 }
 
-/// QEMU's adaptive busy-poll time (`adjust_polling_time`), shared by the
-/// IOThread loop and the vhost-user export's workers.
+/// QEMU's adaptive busy-poll time (`adjust_polling_time`).
 #[derive(Clone, Copy, Debug)]
 pub struct PollTime {
     config: IoThreadConfig,
@@ -189,6 +208,7 @@ impl IoThread {
             stop: stop.clone(),
             polls: polls.clone(),
             ids: Vec::new(),
+            polling: false,
             poll: PollTime::new(config),
             stats: stats.clone(),
         };
@@ -278,6 +298,31 @@ impl IoThread {
             .map_err(|_| IoThreadError::NoSubscriber(self.id.clone()))
     }
 
+    /// Runs `f` on subscriber `id` (of type `T`) on the thread, between two
+    /// epoll waits. Must not be called from the IOThread itself.
+    pub fn with_subscriber<T: 'static>(
+        &self,
+        id: SubscriberId,
+        f: impl FnOnce(&mut T) + Send + 'static,
+    ) -> Result<(), IoThreadError> {
+        let found = self
+            .endpoint
+            .call_blocking(move |ops| -> Result<bool, event_manager::Error> {
+                Ok(ops
+                    .subscriber_mut(id)
+                    .ok()
+                    .and_then(|s| s.as_any_mut().downcast_mut::<T>())
+                    .map(f)
+                    .is_some())
+            })
+            .map_err(|_| IoThreadError::Gone(self.id.clone()))?;
+        if found {
+            Ok(())
+        } else {
+            Err(IoThreadError::NoSubscriber(self.id.clone()))
+        }
+    }
+
     /// Stops the loop and joins the thread. Subscribers still on it are
     /// dropped there. Idempotent.
     pub fn stop(&self) {
@@ -305,6 +350,8 @@ struct Loop {
     stop: Arc<AtomicBool>,
     polls: Arc<PollList>,
     ids: Vec<SubscriberId>,
+    /// Subscribers were told polling started and not yet that it ended.
+    polling: bool,
     poll: PollTime,
     stats: Arc<Stats>,
 }
@@ -317,7 +364,10 @@ impl Loop {
                     .clone_from(&self.polls.ids.lock().unwrap_or_else(|e| e.into_inner()));
             }
             let start = Instant::now();
-            let found = self.poll.ns() > 0 && self.busy_poll(start);
+            let mut found = self.poll.ns() > 0 && self.busy_poll(start);
+            if !found && self.polling {
+                found = self.end_polling();
+            }
             let timeout = if found { 0 } else { -1 };
             if !found {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
@@ -336,6 +386,14 @@ impl Loop {
     /// Runs the poll hooks until one finds work or the poll time is up.
     fn busy_poll(&mut self, start: Instant) -> bool {
         let deadline = start + Duration::from_nanos(self.poll.ns());
+        if !self.polling {
+            self.polling = true;
+            for id in &self.ids {
+                if let Ok(s) = self.em.subscriber_mut(*id) {
+                    s.poll_begin();
+                }
+            }
+        }
         loop {
             let mut found = false;
             for id in &self.ids {
@@ -352,6 +410,19 @@ impl Loop {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Tells every subscriber polling ended (before the thread sleeps);
+    /// returns whether one found work that arrived meanwhile.
+    fn end_polling(&mut self) -> bool {
+        self.polling = false;
+        let mut found = false;
+        for id in &self.ids {
+            if let Ok(s) = self.em.subscriber_mut(*id) {
+                found |= s.poll_end();
+            }
+        }
+        found
     }
 
     /// QEMU's `adjust_polling_time`: the time from the start of polling to

@@ -294,6 +294,18 @@ impl BusDevice for BarWindow {
     }
 }
 
+/// An `--object iothread`'s options as the IOThread takes them (QEMU's
+/// defaults where a property is not given).
+pub fn iothread_config(p: &IothreadProperties) -> IoThreadConfig {
+    IoThreadConfig {
+        poll_max_ns: p
+            .poll_max_ns
+            .unwrap_or(devices::iothread::DEFAULT_POLL_MAX_NS),
+        poll_grow: p.poll_grow.unwrap_or(0),
+        poll_shrink: p.poll_shrink.unwrap_or(0),
+    }
+}
+
 /// Starts the named IOThreads, creates each device's transport, and
 /// places it on the VM's buses: virtio-blk-device on a virtio-mmio slot
 /// (which also puts it in the DSDT and on the command line), and
@@ -309,14 +321,7 @@ pub fn attach_devices(
     names.sort();
     let mut iothreads = Vec::new();
     for id in names {
-        let p = &iothread_props[id];
-        let cfg = IoThreadConfig {
-            poll_max_ns: p
-                .poll_max_ns
-                .unwrap_or(devices::iothread::DEFAULT_POLL_MAX_NS),
-            poll_grow: p.poll_grow.unwrap_or(0),
-            poll_shrink: p.poll_shrink.unwrap_or(0),
-        };
+        let cfg = iothread_config(&iothread_props[id]);
         iothreads.push(
             IoThread::new(id, cfg).with_context(|| format!("could not start iothread '{id}'"))?,
         );

@@ -1,28 +1,22 @@
 //! `blkvm storage-daemon`: block nodes and exports without a VM, shaped
-//! like qemu-storage-daemon. Each vhost-user-blk export serves one
-//! frontend at a time on its unix socket and takes the next one when a
-//! frontend goes away. SIGTERM and SIGINT complete in-flight requests,
-//! flush every exported node, remove the sockets and exit 0.
+//! like qemu-storage-daemon: its command line and QMP. The exports
+//! themselves (listener, frontends, queues on IOThreads) live in
+//! `devices::vhost_user_blk`. SIGTERM and SIGINT complete in-flight
+//! requests, flush every exported node, remove the sockets and exit 0.
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
 use block::{BlockGraph, BlockNode, RequestOp};
 use clap::Args;
-use devices::iothread::{IoThreadConfig, DEFAULT_POLL_MAX_NS};
-use devices::vhost_user_blk::VhostUserBlkBackend;
-use devices::virtio_blk::BlkOptions;
+use devices::iothread::IoThread;
+use devices::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkExportConfig};
+use devices::virtio_blk::{BlkOptions, IoErrorHook};
 use qapi::export::{BlockExportOptions, SocketAddress};
 use qapi::object::{IothreadProperties, ObjectOptions, ObjectProperties};
 use serde_json::{json, Map, Value};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::qmp::{self, Events, Monitor, QmpError, QmpServer};
 use crate::signals;
@@ -58,13 +52,7 @@ struct Export {
     id: String,
     node_name: String,
     node: Arc<dyn BlockNode>,
-    backend: VhostUserBlkBackend,
-    path: String,
-    iothread: Option<String>,
-    stop: Arc<AtomicBool>,
-    /// The current frontend's connection, while one is connected.
-    conn: Arc<Mutex<Option<ShutdownHandle>>>,
-    thread: Option<JoinHandle<()>>,
+    export: VhostUserBlkExport,
 }
 
 /// What ends the daemon.
@@ -76,7 +64,7 @@ enum Control {
 /// The daemon's state, shared by the main thread and the QMP clients.
 struct Daemon {
     state: Mutex<State>,
-    iothreads: HashMap<String, IothreadProperties>,
+    iothreads: HashMap<String, (IothreadProperties, Arc<IoThread>)>,
     events: Events,
     control: Mutex<mpsc::Sender<Control>>,
 }
@@ -110,9 +98,12 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
             qapi::object::parse_object(arg).with_context(|| format!("--object {arg}"))?;
         match o.properties {
             ObjectProperties::Iothread(p) => {
-                if iothreads.insert(o.id.clone(), p).is_some() {
+                if iothreads.contains_key(&o.id) {
                     bail!("--object {arg}: duplicate ID '{}' for object", o.id);
                 }
+                let t = IoThread::new(&o.id, vmm::attach::iothread_config(&p))
+                    .with_context(|| format!("could not start iothread '{}'", o.id))?;
+                iothreads.insert(o.id.clone(), (p, t));
             }
         }
     }
@@ -192,19 +183,13 @@ impl Daemon {
                 e.id
             )));
         }
-        if let Some(io) = &e.iothread {
-            if !self.iothreads.contains_key(io) {
-                return Err(QmpError::generic(format!("Cannot find iothread '{io}'")));
-            }
-        }
-        let iothread = e.iothread.as_ref().map(|io| {
-            let p = &self.iothreads[io];
-            IoThreadConfig {
-                poll_max_ns: p.poll_max_ns.unwrap_or(DEFAULT_POLL_MAX_NS),
-                poll_grow: p.poll_grow.unwrap_or(0),
-                poll_shrink: p.poll_shrink.unwrap_or(0),
-            }
-        });
+        let iothread = match &e.iothread {
+            Some(io) => match self.iothreads.get(io) {
+                Some((_, t)) => Some(t.clone()),
+                None => return Err(QmpError::generic(format!("Cannot find iothread '{io}'"))),
+            },
+            None => None,
+        };
         let export = start_export(&mut st.graph, e, iothread, &self.events)
             .map_err(|err| QmpError::generic(format!("{err:#}")))?;
         st.exports.push(export);
@@ -216,11 +201,7 @@ impl Daemon {
         let Some(i) = st.exports.iter().position(|x| x.id == id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
-        let connected = st.exports[i]
-            .conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let connected = st.exports[i].export.connected();
         if connected && !hard {
             return Err(QmpError::generic(format!(
                 "export '{id}' still in use (use mode='hard' to force client disconnect)"
@@ -283,21 +264,13 @@ impl Monitor for Daemon {
             }
             "query-iothreads" => {
                 qmp::no_args(a)?;
-                let st = self.lock();
                 let mut out = Vec::new();
                 let mut ids: Vec<_> = self.iothreads.iter().collect();
                 ids.sort_by(|a, b| a.0.cmp(b.0));
-                for (id, p) in ids {
-                    // The export worker serving this iothread's queues.
-                    let tid = st
-                        .exports
-                        .iter()
-                        .filter(|e| e.iothread.as_deref() == Some(id.as_str()))
-                        .find_map(|e| e.backend.worker_tid())
-                        .unwrap_or(0);
+                for (id, (p, t)) in ids {
                     out.push(json!({
                         "id": id,
-                        "thread-id": tid,
+                        "thread-id": t.thread_id(),
                         "poll-max-ns": p.poll_max_ns.unwrap_or(32768),
                         "poll-grow": p.poll_grow.unwrap_or(0),
                         "poll-shrink": p.poll_shrink.unwrap_or(0),
@@ -377,7 +350,7 @@ impl Monitor for Daemon {
 fn start_export(
     graph: &mut BlockGraph,
     e: &BlockExportOptions,
-    iothread: Option<IoThreadConfig>,
+    iothread: Option<Arc<IoThread>>,
     events: &Events,
 ) -> Result<Export> {
     let SocketAddress::Unix { path } = &e.addr;
@@ -406,19 +379,29 @@ fn start_export(
         serial: e.id.clone(),
         ..BlkOptions::default()
     };
-    let backend = VhostUserBlkBackend::new(
-        &e.id,
-        node.clone(),
+    let export = VhostUserBlkExport::start(VhostUserBlkExportConfig {
+        id: e.id.clone(),
+        node: node.clone(),
         opts,
-        graph.registrar().clone(),
+        registrar: graph.registrar().clone(),
         iothread,
-    )?;
-    if e.writethrough {
-        use vhost_user_backend::VhostUserBackend;
-        let _ = backend.set_config(32, &[0]);
-    }
-    let (ev, id, node_name) = (events.clone(), e.id.clone(), e.node_name.clone());
-    backend.set_io_error_hook(Some(Arc::new(move |op, err| {
+        path: path.clone(),
+        writethrough: e.writethrough,
+        io_error: Some(io_error_event(events, &e.id, &e.node_name)),
+    })?;
+    graph.attach(&e.node_name, &user_name(&e.id))?;
+    Ok(Export {
+        id: e.id.clone(),
+        node_name: e.node_name.clone(),
+        node,
+        export,
+    })
+}
+
+/// QMP's `BLOCK_IO_ERROR` for a failed request of export `id`.
+fn io_error_event(events: &Events, id: &str, node_name: &str) -> IoErrorHook {
+    let (ev, id, node_name) = (events.clone(), id.to_string(), node_name.to_string());
+    Arc::new(move |op, err| {
         let operation = match op {
             RequestOp::Read => "read",
             _ => "write",
@@ -436,108 +419,16 @@ fn start_export(
                 "reason": std::io::Error::from_raw_os_error(errno).to_string(),
             })),
         );
-    })));
-    let name = format!("export-{}", e.id);
-    let mut daemon = new_daemon(&name, &backend)?;
-    let _ = std::fs::remove_file(path);
-    let mut listener =
-        Listener::new(path, true).with_context(|| format!("could not listen on '{path}'"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let conn = Arc::new(Mutex::new(None));
-    let (t_stop, t_conn, t_backend, id) =
-        (stop.clone(), conn.clone(), backend.clone(), e.id.clone());
-    let thread = std::thread::Builder::new()
-        .name(format!("export-{}", e.id))
-        .spawn(move || loop {
-            let started = daemon.start(&mut listener);
-            if t_stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Err(err) = started {
-                eprintln!("export '{id}': could not accept a frontend: {err:?}");
-                continue;
-            }
-            *t_conn.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-            if let Err(err) = daemon.wait() {
-                eprintln!("export '{id}': frontend connection ended: {err:?}");
-            }
-            *t_conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            if t_stop.load(Ordering::SeqCst) {
-                break;
-            }
-            // The connection's state (owner, features, vrings) dies with
-            // it: finish its requests, stop its workers, and serve the
-            // next frontend with a fresh vhost-user handler.
-            t_backend.stop_workers();
-            t_backend.abandon_in_flight();
-            daemon = match new_daemon(&name, &t_backend) {
-                Ok(d) => d,
-                Err(err) => {
-                    eprintln!("export '{id}': cannot serve another frontend: {err:#}");
-                    break;
-                }
-            };
-        })
-        .context("could not start the export thread")?;
-    graph.attach(&e.node_name, &user_name(&e.id))?;
-    Ok(Export {
-        id: e.id.clone(),
-        node_name: e.node_name.clone(),
-        iothread: e.iothread.clone(),
-        node,
-        backend,
-        path: path.clone(),
-        stop,
-        conn,
-        thread: Some(thread),
     })
-}
-
-/// A vhost-user daemon for one frontend connection, with the node
-/// queues' completion fds watched by its worker threads.
-fn new_daemon(
-    name: &str,
-    backend: &VhostUserBlkBackend,
-) -> Result<VhostUserDaemon<VhostUserBlkBackend>> {
-    backend
-        .renew_exit_events()
-        .context("could not create exit events")?;
-    let daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), backend.memory())
-        .map_err(|err| anyhow::anyhow!("could not create the vhost-user daemon: {err:?}"))?;
-    for (handler, fds) in daemon
-        .get_epoll_handlers()
-        .iter()
-        .zip(backend.completion_listeners())
-    {
-        for (fd, id) in fds {
-            handler
-                .register_listener(fd, EventSet::IN, id)
-                .context("could not watch a node queue's completions")?;
-        }
-    }
-    Ok(daemon)
 }
 
 /// Completes in-flight requests, flushes the node, closes the socket.
 fn stop_export(e: &mut Export) {
-    e.backend.quiesce();
+    let flushed = e.export.stop();
     eprintln!("{}", stats_line(e));
-    // Through the export's own node queue: a libblkio node may have no
-    // queue to spare for a new one.
-    if let Err(err) = e.backend.flush() {
+    if let Err(err) = flushed {
         eprintln!("export '{}': final flush failed: {err}", e.id);
     }
-    e.stop.store(true, Ordering::SeqCst);
-    if let Some(h) = e.conn.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        h.shutdown();
-    }
-    // Wake an accept() that is waiting for a frontend.
-    let _ = UnixStream::connect(&e.path);
-    if let Some(t) = e.thread.take() {
-        let _ = t.join();
-    }
-    e.backend.stop_workers();
-    let _ = std::fs::remove_file(&e.path);
 }
 
 /// One line of what the export did, for logs and tests.
@@ -555,12 +446,14 @@ fn stats_line(e: &Export) -> String {
     }
     let errors =
         s.read.errors + s.write.errors + s.flush.errors + s.discard.errors + s.write_zeroes.errors;
+    let c = e.export.counters();
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     format!(
         "blkvm storage-daemon: export {} stats: requests={} read_ops={} read_bytes={} write_ops={} \
          write_bytes={} flush_ops={} discard_ops={} write_zeroes_ops={} errors={} registered_ops={} \
-         bounced_ops={}",
+         bounced_ops={} kicks={} completion_wakeups={} poll_hits={} interrupts={} late_entries={}",
         e.id,
-        e.backend.requests(),
+        e.export.requests(),
         s.read.ops,
         s.read.bytes,
         s.write.ops,
@@ -570,6 +463,11 @@ fn stats_line(e: &Export) -> String {
         s.write_zeroes.ops,
         errors,
         registered,
-        bounced
+        bounced,
+        n(&c.kicks),
+        n(&c.completion_wakeups),
+        n(&c.poll_hits),
+        n(&c.interrupts),
+        n(&c.late_entries),
     )
 }

@@ -10,6 +10,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 pub const CONFIG_LEN: usize = 60;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
+/// Offset of `writeback` in the configuration space (5.2.4), the one
+/// byte a driver may write (with CONFIG_WCE).
+pub const WRITEBACK_OFFSET: u64 = 32;
 /// Most discard/write-zeroes segments per request.
 pub const MAX_DISCARD_SEG: u32 = 32;
 
@@ -107,7 +110,7 @@ pub fn config_space(node: &dyn BlockNode, opts: &BlkOptions, writeback: bool) ->
     let min_io = (limits.request_alignment.max(lbs) / lbs).min(u32::from(u16::MAX)) as u16;
     put(&mut c, 26, &min_io.to_le_bytes());
     put(&mut c, 28, &(limits.optimal_io_size / lbs).to_le_bytes());
-    c[32] = u8::from(writeback);
+    c[WRITEBACK_OFFSET as usize] = u8::from(writeback);
     put(&mut c, 34, &opts.num_queues.to_le_bytes());
     let sectors_max = |bytes: u64| {
         if bytes == 0 {

@@ -1,35 +1,31 @@
 //! The VMM's virtio-blk device: configuration space and features for a
 //! transport ([`crate::virtio`]), and on DRIVER_OK one [`QueueWorker`] per
-//! enabled queue on an IOThread.
+//! enabled queue on an IOThread, the same worker the vhost-user-blk export
+//! runs.
 //!
-//! A worker owns its `Queue`, its [`BlkQueueHandler`] (with its own node
-//! queue), its kick EventFd (an ioeventfd) and the transport's interrupt;
-//! nothing on the request path is shared but two atomics (write-through
-//! mode, device status). Queues go round-robin over the device's
+//! A worker's kick is the queue's ioeventfd and its interrupt the
+//! transport's (irqfd); nothing on the request path is shared but atomics
+//! (write-through mode, device status). Queues go round-robin over the device's
 //! IOThreads. A handler error marks the device NEEDS_RESET and raises the
 //! config interrupt; the rest of the VM carries on. Reset takes the workers
 //! back from their IOThreads and completes what is in flight.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use block::BlockNode;
-use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
+use event_manager::SubscriberId;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::config::{self, BlkOptions, CONFIG_LEN};
-use super::{BlkHandlerError, BlkQueueHandler, GuestMem, IoErrorHook};
-use crate::iothread::{IoSubscriber, IoThread, IoThreadConfig};
-use crate::virtio::{QueueConfig, VirtioDevice, VirtioDeviceError, VirtioInterrupt, VirtioIrq};
-
-/// Offset of `writeback` in the configuration space (5.2.4).
-const WRITEBACK_OFFSET: u64 = 32;
+use super::config::{self, BlkOptions, CONFIG_LEN, WRITEBACK_OFFSET};
+use super::worker::{QueueWorker, QueueWorkerConfig, WorkerCounters};
+use super::{BlkQueueHandler, GuestMem, IoErrorHook};
+use crate::iothread::{IoThread, IoThreadConfig};
+use crate::virtio::{QueueConfig, VirtioDevice, VirtioDeviceError, VirtioInterrupt};
 
 /// Why a virtio-blk device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +67,7 @@ pub struct VirtioBlk {
     kicks: Vec<EventFd>,
     active: Vec<(Arc<IoThread>, SubscriberId)>,
     io_error: Option<IoErrorHook>,
+    counters: Arc<WorkerCounters>,
 }
 
 impl VirtioBlk {
@@ -111,6 +108,7 @@ impl VirtioBlk {
             kicks,
             active: Vec::new(),
             io_error: None,
+            counters: Arc::default(),
         })
     }
 
@@ -129,6 +127,11 @@ impl VirtioBlk {
     /// activation on; queues already served keep their hook until then.
     pub fn set_io_error_hook(&mut self, hook: Option<IoErrorHook>) {
         self.io_error = hook;
+    }
+
+    /// What the device's queue workers did (all queues together).
+    pub fn counters(&self) -> &Arc<WorkerCounters> {
+        &self.counters
     }
 
     /// Queues currently being served.
@@ -162,10 +165,8 @@ impl VirtioBlk {
             .open_queue()
             .map_err(|e| VirtioDeviceError::Host(Box::new(e)))?;
         let mut handler = BlkQueueHandler::new(self.node.clone(), nq, &self.opts);
-        let wt = self.writethrough.load(Ordering::SeqCst);
-        handler.set_writethrough(wt);
         handler.set_io_error_hook(self.io_error.clone());
-        Ok(QueueWorker {
+        Ok(QueueWorker::new(QueueWorkerConfig {
             id: format!("{}: queue {index}", self.id),
             index: index as u16,
             queue,
@@ -176,9 +177,8 @@ impl VirtioBlk {
                 .map_err(|e| VirtioDeviceError::Host(Box::new(e)))?,
             interrupt: interrupt.clone(),
             writethrough: self.writethrough.clone(),
-            wt,
-            broken: false,
-        })
+            counters: self.counters.clone(),
+        }))
     }
 }
 
@@ -243,11 +243,11 @@ impl VirtioDevice for VirtioBlk {
             // A queue the driver did not enable is not served (Linux may
             // use fewer queues than offered).
             if qc.ready {
-                workers.push(self.make_worker(i, qc, event_idx, &interrupt)?);
+                workers.push((i, self.make_worker(i, qc, event_idx, &interrupt)?));
             }
         }
-        for w in workers {
-            let t = self.iothreads[usize::from(w.index) % self.iothreads.len()].clone();
+        for (i, w) in workers {
+            let t = self.iothreads[i % self.iothreads.len()].clone();
             match t.add(Box::new(w)) {
                 Ok(id) => self.active.push((t, id)),
                 Err(e) => {
@@ -262,7 +262,9 @@ impl VirtioDevice for VirtioBlk {
     fn reset(&mut self) {
         for (t, id) in self.active.drain(..) {
             match t.remove_as::<QueueWorker>(id) {
-                Ok(mut w) => w.handler.drain(&mut w.queue, &w.mem),
+                Ok(mut w) => {
+                    w.drain();
+                }
                 Err(e) => eprintln!("{}: reset: {e}", self.id),
             }
         }
@@ -285,115 +287,5 @@ impl Drop for VirtioBlk {
         if !self.active.is_empty() {
             self.reset();
         }
-    }
-}
-
-const KICK: u32 = 0;
-const COMPLETION: u32 = 1;
-
-/// One enabled virtqueue on its IOThread.
-pub struct QueueWorker {
-    id: String,
-    index: u16,
-    queue: Queue,
-    handler: BlkQueueHandler,
-    mem: Arc<GuestMem>,
-    kick: EventFd,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    writethrough: Arc<AtomicBool>,
-    wt: bool,
-    broken: bool,
-}
-
-impl QueueWorker {
-    fn notify(&mut self, r: Result<bool, BlkHandlerError>) {
-        match r {
-            Ok(true) => {
-                if let Err(e) = self.interrupt.signal(VirtioIrq::Queue(self.index)) {
-                    eprintln!("{}: could not raise the interrupt: {e}", self.id);
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                eprintln!("{}: {e}; the device needs a reset", self.id);
-                self.broken = true;
-                self.interrupt.set_needs_reset();
-            }
-        }
-    }
-
-    fn run_queue(&mut self) {
-        if self.broken {
-            return;
-        }
-        let wt = self.writethrough.load(Ordering::Relaxed);
-        if wt != self.wt {
-            self.wt = wt;
-            self.handler.set_writethrough(wt);
-        }
-        let r = self.handler.process_queue(&mut self.queue, &self.mem);
-        self.notify(r);
-    }
-
-    fn run_completions(&mut self) {
-        let r = self.handler.process_completions(&mut self.queue, &self.mem);
-        // After a failure the rings are suspect; completions still free
-        // their slots but raise nothing.
-        if !self.broken {
-            self.notify(r);
-        }
-    }
-}
-
-impl MutEventSubscriber for QueueWorker {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if !events.event_set().contains(EventSet::IN) {
-            return;
-        }
-        match events.data() {
-            KICK => {
-                let _ = self.kick.read();
-                self.run_queue();
-            }
-            COMPLETION => self.run_completions(),
-            _ => {}
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let kick = Events::with_data(&self.kick, KICK, EventSet::IN);
-        let done = Events::with_data_raw(self.handler.completion_fd(), COMPLETION, EventSet::IN);
-        if let Err(e) = ops.add(kick).and_then(|()| ops.add(done)) {
-            eprintln!("{}: cannot watch the queue: {e:?}", self.id);
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-        }
-    }
-}
-
-impl IoSubscriber for QueueWorker {
-    fn poll(&mut self) -> bool {
-        if self.broken {
-            return false;
-        }
-        let mut found = false;
-        let avail = self
-            .queue
-            .avail_idx(self.mem.as_ref(), Ordering::Acquire)
-            .map(|a| a.0 != self.queue.next_avail());
-        if avail.unwrap_or(false) {
-            self.run_queue();
-            found = true;
-        }
-        let before = self.handler.in_flight();
-        if before > 0 {
-            self.run_completions();
-            found |= self.handler.in_flight() < before;
-        }
-        found
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
-        self
     }
 }

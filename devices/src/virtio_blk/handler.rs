@@ -131,25 +131,32 @@ impl BlkQueueHandler {
         self.counters
     }
 
-    /// Pops every available chain and submits it (5.2.6). Returns whether
+    /// Pops every available chain and submits it (5.2.6). With `rearm`,
+    /// the driver's kicks are turned off while popping and back on after
+    /// (checking once more for entries that raced with that); without, a
+    /// poller owns the kick state and it is left alone. Returns whether
     /// the guest should be notified now.
     pub fn process_queue(
         &mut self,
         queue: &mut Queue,
         mem: &Arc<GuestMem>,
+        rearm: bool,
     ) -> Result<bool, BlkHandlerError> {
         check_avail(queue, mem)?;
         let mut used = false;
         loop {
-            queue
-                .disable_notification(mem.as_ref())
-                .map_err(BlkHandlerError::Queue)?;
+            if rearm {
+                queue
+                    .disable_notification(mem.as_ref())
+                    .map_err(BlkHandlerError::Queue)?;
+            }
             while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
                 used |= self.start(chain, queue, mem);
             }
-            if !queue
-                .enable_notification(mem.as_ref())
-                .map_err(BlkHandlerError::Queue)?
+            if !rearm
+                || !queue
+                    .enable_notification(mem.as_ref())
+                    .map_err(BlkHandlerError::Queue)?
             {
                 break;
             }
@@ -176,59 +183,6 @@ impl BlkQueueHandler {
             && queue
                 .needs_notification(mem)
                 .map_err(BlkHandlerError::Queue)?)
-    }
-
-    /// One busy-poll step: completes what the node finished and starts
-    /// what the driver made available, leaving the guest's notification
-    /// state alone (the poller turned kicks off with
-    /// [`BlkQueueHandler::set_guest_notifications`]). Returns whether
-    /// anything moved, and whether to notify the guest.
-    pub fn poll_once(
-        &mut self,
-        queue: &mut Queue,
-        mem: &Arc<GuestMem>,
-    ) -> Result<(bool, bool), BlkHandlerError> {
-        let mut done = std::mem::take(&mut self.done);
-        let completed = self.queue.poll_completions(&mut done) > 0;
-        self.complete(&mut done, queue, mem);
-        self.done = done;
-        let avail = queue
-            .avail_idx(mem.as_ref(), std::sync::atomic::Ordering::Acquire)
-            .map_err(BlkHandlerError::Queue)?;
-        let mut used = completed;
-        let started = avail.0 != queue.next_avail();
-        if started {
-            check_avail(queue, mem)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
-                used |= self.start(chain, queue, mem);
-            }
-            self.queue.kick();
-        }
-        let notify = used
-            && queue
-                .needs_notification(mem.as_ref())
-                .map_err(BlkHandlerError::Queue)?;
-        Ok((completed || started, notify))
-    }
-
-    /// Turns the driver's kicks off while a poller watches the avail ring,
-    /// or back on. Turning them on returns whether entries arrived that
-    /// the poller has not seen (then the caller processes the queue).
-    pub fn set_guest_notifications(
-        queue: &mut Queue,
-        mem: &GuestMem,
-        on: bool,
-    ) -> Result<bool, BlkHandlerError> {
-        if on {
-            queue
-                .enable_notification(mem)
-                .map_err(BlkHandlerError::Queue)
-        } else {
-            queue
-                .disable_notification(mem)
-                .map_err(BlkHandlerError::Queue)?;
-            Ok(false)
-        }
     }
 
     /// Waits for every in-flight request and completes it (device stop,

@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod handler;
 pub mod request;
+pub mod worker;
 
 /// Guest memory as both front ends map it.
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
@@ -15,6 +16,7 @@ pub use config::BlkOptions;
 pub use device::{VirtioBlk, VirtioBlkConfig, VirtioBlkDeviceError};
 pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler, IoErrorHook};
 pub use request::{BlkRequest, BlkRequestType, VirtioBlkError};
+pub use worker::{QueueWorker, QueueWorkerConfig, WorkerCounters};
 
 #[cfg(test)]
 mod tests;

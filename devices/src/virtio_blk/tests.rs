@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::handler::BlkHandlerError;
@@ -65,7 +65,7 @@ fn run(r: &mut Rig, descs: &[RawDescriptor]) -> (u8, u32) {
     mq.build_desc_chain(descs).unwrap();
     let mut q: Queue = mq.create_queue().unwrap();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    r.handler.process_queue(&mut q, &mem).unwrap();
+    r.handler.process_queue(&mut q, &mem, true).unwrap();
     r.handler.drain(&mut q, &mem);
     let used = mq.used_addr().0;
     assert_eq!(
@@ -258,25 +258,20 @@ fn avail_index_running_ahead_marks_the_queue_broken() {
     let mut q: Queue = mq.create_queue().unwrap();
     mq.avail().idx().store(u16::to_le(QSIZE + 5));
     assert!(matches!(
-        r.handler.process_queue(&mut q, &mem),
+        r.handler.process_queue(&mut q, &mem, true),
         Err(BlkHandlerError::AvailRunaway)
     ));
 }
 
 #[test]
-fn busy_poll_serves_the_ring_without_kicks_and_hands_kicks_back() {
+fn process_queue_without_rearm_leaves_the_kick_state_to_the_poller() {
     let mut r = rig("", BlkOptions::default());
     let mem = r.mem.clone();
     let mq = MockSplitQueue::new(mem.as_ref(), QSIZE);
     let mut q: Queue = mq.create_queue().unwrap();
     let used = mq.used_addr().0;
-    // Kicks off: the driver is told not to notify.
-    assert!(!BlkQueueHandler::set_guest_notifications(&mut q, &mem, false).unwrap());
-    let flags = mem.read_obj::<u16>(GuestAddress(used)).unwrap();
-    assert_eq!(flags & 1, 1, "VRING_USED_F_NO_NOTIFY while polling");
-    // Nothing there yet.
-    assert_eq!(r.handler.poll_once(&mut q, &mem).unwrap(), (false, false));
-    // A write appears on the ring: one poll starts it, later polls finish it.
+    // The poller turned kicks off.
+    q.disable_notification(mem.as_ref()).unwrap();
     header(&mem, HDR, VIRTIO_BLK_T_OUT, 1);
     mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
     mq.build_desc_chain(&[
@@ -286,16 +281,14 @@ fn busy_poll_serves_the_ring_without_kicks_and_hands_kicks_back() {
     ])
     .unwrap();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let (moved, _) = r.handler.poll_once(&mut q, &mem).unwrap();
-    assert!(moved, "the new avail entry was picked up");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() == 0 {
-        assert!(std::time::Instant::now() < deadline, "never completed");
-        r.handler.poll_once(&mut q, &mem).unwrap();
-    }
+    r.handler.process_queue(&mut q, &mem, false).unwrap();
+    let flags = mem.read_obj::<u16>(GuestAddress(used)).unwrap();
+    assert_eq!(flags & 1, 1, "VRING_USED_F_NO_NOTIFY stays while polling");
+    r.handler.drain(&mut q, &mem);
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
-    // Kicks back on: nothing raced, and the driver may notify again.
-    assert!(!BlkQueueHandler::set_guest_notifications(&mut q, &mem, true).unwrap());
+    // With rearm, kicks come back on after the pop.
+    r.handler.process_queue(&mut q, &mem, true).unwrap();
     let flags = mem.read_obj::<u16>(GuestAddress(used)).unwrap();
     assert_eq!(flags & 1, 0);
 }
@@ -344,7 +337,7 @@ proptest! {
         }
         mq.add_desc_chains(&all, 0).unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
-        r.handler.process_queue(&mut q, &mem).unwrap();
+        r.handler.process_queue(&mut q, &mem, true).unwrap();
         r.handler.drain(&mut q, &mem);
         let used = mq.used_addr().0;
         let n = mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();

@@ -1,0 +1,301 @@
+//! The vhost-user-blk export: a node of the block graph served to a
+//! vhost-user frontend (QEMU's `vhost-user-blk-pci`, libblkio, a VMM) on a
+//! unix socket, on the same data plane as the VMM's virtio-blk devices.
+//!
+//! Two kinds of thread, as in the VMM:
+//! - the export's control thread accepts one frontend at a time and runs
+//!   its vhost-user requests ([`session`], on the `vhost` crate's request
+//!   parser), like a vCPU thread writing a device's registers;
+//! - each started vring is a [`QueueWorker`] on an [`IoThread`]: the
+//!   frontend's kick fd in, its call fd out, the same worker, handler and
+//!   busy-poll policy as a VMM device's queue. An export without
+//!   `iothread=` gets one IOThread per queue of its own.
+//!
+//! The frontend's memory table feeds the RAM registrar, so guest RAM is
+//! registered memory for every node that can use it. Node queues are
+//! opened once per export and handed from worker to worker, so frontends
+//! that come and go cost no fds. SIGTERM's [`VhostUserBlkExport::stop`]
+//! completes in-flight requests into the rings, flushes the node and
+//! closes the socket.
+
+mod session;
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use block::{BlockNode, RamRegistrar};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+
+use crate::iothread::{IoThread, IoThreadConfig, IoThreadError};
+use crate::virtio_blk::config::{self, BlkOptions};
+use crate::virtio_blk::{BlkQueueHandler, IoErrorHook, WorkerCounters};
+use session::{Session, Stop};
+
+/// Setting up an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserBlkError {
+    /// The node could not give a queue.
+    #[error("could not open a node queue")]
+    Queue(#[source] block::BlockError),
+    /// The export's own IOThread could not start.
+    #[error("could not start the export's iothread")]
+    IoThread(#[source] IoThreadError),
+    /// The socket could not be bound.
+    #[error("could not listen on '{0}'")]
+    Listen(String, #[source] io::Error),
+    /// The control thread could not start.
+    #[error("could not start the export thread")]
+    Thread(#[source] io::Error),
+}
+
+/// What an export is made of.
+pub struct VhostUserBlkExportConfig {
+    /// Export id (QMP's `id`).
+    pub id: String,
+    /// The node served.
+    pub node: Arc<dyn BlockNode>,
+    /// What the frontend sees (queues, sizes, read-only, serial).
+    pub opts: BlkOptions,
+    /// Guest RAM goes here for the nodes that register memory.
+    pub registrar: RamRegistrar,
+    /// The IOThread serving every queue; `None`: one of its own per queue.
+    pub iothread: Option<Arc<IoThread>>,
+    /// The unix socket path to listen on (replaced if it exists).
+    pub path: String,
+    /// Start in write-through mode (`writethrough=on`).
+    pub writethrough: bool,
+    /// Host I/O errors are reported here (QMP `BLOCK_IO_ERROR`).
+    pub io_error: Option<IoErrorHook>,
+}
+
+/// What the control thread and the sessions share.
+struct ExportShared {
+    id: String,
+    node: Arc<dyn BlockNode>,
+    opts: BlkOptions,
+    features: u64,
+    registrar: RamRegistrar,
+    iothreads: Vec<Arc<IoThread>>,
+    /// IOThreads the export started itself (stopped with it).
+    own_iothreads: bool,
+    writethrough: Arc<AtomicBool>,
+    counters: Arc<WorkerCounters>,
+    /// Each queue's handler while no worker holds it.
+    handlers: Mutex<Vec<Option<BlkQueueHandler>>>,
+    /// Set on stop: no vring starts again.
+    stopping: AtomicBool,
+    /// The connected frontend: its session and a handle on its socket.
+    current: Mutex<Option<(Arc<Mutex<Session>>, UnixStream)>>,
+}
+
+/// A running vhost-user-blk export.
+pub struct VhostUserBlkExport {
+    shared: Arc<ExportShared>,
+    path: String,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VhostUserBlkExport {
+    /// Opens the node's queues, listens on the socket and serves frontends
+    /// one at a time until [`VhostUserBlkExport::stop`].
+    pub fn start(cfg: VhostUserBlkExportConfig) -> Result<Self, VhostUserBlkError> {
+        let opts = cfg.opts;
+        let read_only = opts.read_only || cfg.node.read_only();
+        let n = usize::from(opts.num_queues.max(1));
+        let mut handlers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let q = cfg.node.open_queue().map_err(VhostUserBlkError::Queue)?;
+            let mut h = BlkQueueHandler::new(cfg.node.clone(), q, &opts);
+            h.set_io_error_hook(cfg.io_error.clone());
+            handlers.push(Some(h));
+        }
+        let (iothreads, own_iothreads) = match cfg.iothread {
+            Some(t) => (vec![t], false),
+            None => {
+                let mut v = Vec::with_capacity(n);
+                for q in 0..n {
+                    let name = format!("export-{}-q{q}", cfg.id);
+                    let t = IoThread::new(&name, IoThreadConfig::default())
+                        .map_err(VhostUserBlkError::IoThread)?;
+                    v.push(t);
+                }
+                (v, true)
+            }
+        };
+        let features =
+            config::features(&opts, read_only) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let _ = std::fs::remove_file(&cfg.path);
+        let listener = UnixListener::bind(&cfg.path)
+            .map_err(|e| VhostUserBlkError::Listen(cfg.path.clone(), e))?;
+        let shared = Arc::new(ExportShared {
+            id: cfg.id,
+            node: cfg.node,
+            opts,
+            features,
+            registrar: cfg.registrar,
+            iothreads,
+            own_iothreads,
+            writethrough: Arc::new(AtomicBool::new(cfg.writethrough)),
+            counters: Arc::default(),
+            handlers: Mutex::new(handlers),
+            stopping: AtomicBool::new(false),
+            current: Mutex::new(None),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("export-{}", shared.id))
+            .spawn(move || serve(&s, &listener))
+            .map_err(VhostUserBlkError::Thread)?;
+        Ok(VhostUserBlkExport {
+            shared,
+            path: cfg.path,
+            thread: Some(thread),
+        })
+    }
+
+    /// The export's id.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The node served.
+    pub fn node(&self) -> &Arc<dyn BlockNode> {
+        &self.shared.node
+    }
+
+    /// Whether a frontend is connected.
+    pub fn connected(&self) -> bool {
+        lock(&self.shared.current).is_some()
+    }
+
+    /// The IOThreads serving the queues.
+    pub fn iothreads(&self) -> &[Arc<IoThread>] {
+        &self.shared.iothreads
+    }
+
+    /// What the queue workers did, over all queues and frontends.
+    pub fn counters(&self) -> &WorkerCounters {
+        &self.shared.counters
+    }
+
+    /// Chains started over all queues and frontends (queues being served
+    /// right now are counted when they stop).
+    pub fn requests(&self) -> u64 {
+        lock(&self.shared.handlers)
+            .iter()
+            .flatten()
+            .map(|h| h.counters().requests)
+            .sum()
+    }
+
+    /// Stops the export: completes every in-flight request into its ring,
+    /// disconnects the frontend, flushes the node through the export's
+    /// own queue and removes the socket. Idempotent.
+    pub fn stop(&mut self) -> Result<(), block::RequestError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some((session, conn)) = lock(&self.shared.current).as_ref() {
+            lock(session).stop_all(Stop::Drain);
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake an accept() that is waiting for a frontend.
+        let _ = UnixStream::connect(&self.path);
+        let _ = thread.join();
+        let _ = std::fs::remove_file(&self.path);
+        let flushed = match lock(&self.shared.handlers).first_mut() {
+            Some(Some(h)) => h.flush_node(),
+            _ => Ok(()),
+        };
+        if self.shared.own_iothreads {
+            for t in &self.shared.iothreads {
+                t.stop();
+            }
+        }
+        flushed
+    }
+}
+
+impl Drop for VhostUserBlkExport {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// The control thread: one frontend at a time until the export stops.
+fn serve(shared: &Arc<ExportShared>, listener: &UnixListener) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("export '{}': could not accept a frontend: {e}", shared.id);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let conn = match stream.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("export '{}': {e}", shared.id);
+                continue;
+            }
+        };
+        let session = Arc::new(Mutex::new(Session::new(shared.clone())));
+        *lock(&shared.current) = Some((session.clone(), conn));
+        // The frontend may have connected while stop() looked: recheck.
+        if !shared.stopping.load(Ordering::SeqCst) {
+            run_session(
+                shared,
+                BackendReqHandler::from_stream(stream, session.clone()),
+            );
+        }
+        let stopping = shared.stopping.load(Ordering::SeqCst);
+        // A frontend that went away leaves its requests' results behind;
+        // on stop they were completed into the rings already.
+        lock(&session).close(if stopping { Stop::Drain } else { Stop::Abandon });
+        *lock(&shared.current) = None;
+        if stopping {
+            break;
+        }
+    }
+}
+
+/// Runs one frontend's requests until it disconnects. A request the
+/// export refuses is answered (with REPLY_ACK) and logged; the session
+/// goes on. A broken message or socket ends it.
+fn run_session(shared: &ExportShared, mut handler: BackendReqHandler<Mutex<Session>>) {
+    loop {
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(
+                e @ (VuError::InvalidParam
+                | VuError::InvalidOperation(_)
+                | VuError::InactiveFeature(_)
+                | VuError::InactiveOperation(_)
+                | VuError::ReqHandlerError(_)),
+            ) => {
+                eprintln!("export '{}': frontend request refused: {e}", shared.id);
+            }
+            Err(VuError::Disconnected | VuError::PartialMessage) => return,
+            Err(e) => {
+                if !shared.stopping.load(Ordering::SeqCst) {
+                    eprintln!("export '{}': frontend connection ended: {e}", shared.id);
+                }
+                return;
+            }
+        }
+    }
+}
