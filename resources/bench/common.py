@@ -1,7 +1,7 @@
 """Shared helpers of the side-by-side benchmark scripts: running blkvm
 bench, starting an export daemon (blkvm storage-daemon or
-qemu-storage-daemon) and waiting for its socket, medians of interleaved
-rounds, and markdown tables."""
+qemu-storage-daemon) and waiting for its socket, CPU time from /proc,
+medians of interleaved rounds, and markdown tables."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLKVM = os.path.join(ROOT, "target/release/blkvm")
 OUT = os.path.join(ROOT, "resources/out")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def build():
@@ -75,9 +76,31 @@ class Daemon:
             time.sleep(0.05)
         sys.exit(f"{' '.join(cmd)}: no socket at {sock}")
 
+    def cpu_s(self):
+        return process_cpu_s(self.proc.pid)
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def process_cpu_s(pid):
+    """Seconds of CPU (user and system) process `pid` has used so far, all
+    its threads, exited ones included (utime and stime of proc(5))."""
+    with open(f"/proc/{pid}/stat") as f:
+        # The command name may hold spaces; the fields after it start at
+        # field 3 (state), so utime (14) and stime (15) are 11 and 12.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_cpu():
+    """(idle, total) time of all CPUs so far, in clock ticks, from
+    /proc/stat; idle counts iowait. Total is user, nice, system, idle,
+    iowait, irq, softirq and steal (guest time is inside user and nice)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)
 
 
 def export_args(node_args, sock, node="d0", iothread=None):
