@@ -23,11 +23,6 @@ use qapi::object::IothreadProperties;
 
 use crate::vm::device_manager::DeviceManager;
 
-/// Largest virtqueue QEMU accepts (VIRTQUEUE_MAX_SIZE).
-const MAX_QUEUE_SIZE: u16 = 1024;
-/// Most queues a virtio-blk device may have (as `blkvm storage-daemon`).
-const MAX_QUEUES: u16 = 64;
-
 /// The name a device goes by in messages: its id, else its driver and
 /// position.
 pub fn device_label(d: &DeviceOptions, index: usize) -> String {
@@ -41,42 +36,23 @@ pub fn device_label(d: &DeviceOptions, index: usize) -> String {
 /// virtio-blk configuration for a node that is `read_only` or not.
 pub fn blk_options(d: &DeviceOptions, read_only: bool) -> Result<BlkOptions> {
     let num_queues = d.num_queues.unwrap_or(1);
-    if num_queues == 0 {
-        bail!("num-queues property must be larger than 0");
-    }
-    if num_queues > MAX_QUEUES {
-        bail!("num-queues property must be <= {MAX_QUEUES}");
-    }
     let queue_size = d.queue_size.unwrap_or(256);
-    if queue_size <= 2 {
-        bail!("invalid queue-size property ({queue_size}), must be > 2");
-    }
-    if !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
-        bail!(
-            "invalid queue-size property ({queue_size}), must be a power of 2 (max {MAX_QUEUE_SIZE})"
-        );
-    }
     let lbs = d.logical_block_size.map_or(512, |s| s.0);
     let pbs = d.physical_block_size.map_or(lbs, |s| s.0);
-    for (name, v) in [("logical_block_size", lbs), ("physical_block_size", pbs)] {
-        if !(512..=65536).contains(&v) || !v.is_power_of_two() {
-            bail!("{name} must be a power of 2 between 512 and 65536, not {v}");
-        }
-    }
-    if lbs > pbs {
-        bail!("logical_block_size > physical_block_size not supported");
-    }
-    Ok(BlkOptions {
+    let to_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    let opts = BlkOptions {
         num_queues,
         queue_size,
-        logical_block_size: lbs as u32,
-        physical_block_size: pbs as u32,
+        logical_block_size: to_u32(lbs),
+        physical_block_size: to_u32(pbs),
         read_only,
         discard: d.discard.unwrap_or(true),
         write_zeroes: d.write_zeroes.unwrap_or(true),
         config_wce: d.config_wce.unwrap_or(true),
         serial: d.serial.clone().unwrap_or_default(),
-    })
+    };
+    opts.check()?;
+    Ok(opts)
 }
 
 /// One device ready to be given a transport.

@@ -21,6 +21,8 @@
 mod session;
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +40,9 @@ use session::{Session, Stop};
 /// Setting up an export failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserBlkError {
+    /// An option is out of range.
+    #[error("invalid export options")]
+    Options(#[from] config::BlkOptionsError),
     /// The node could not give a queue.
     #[error("could not open a node queue")]
     Queue(#[source] block::BlockError),
@@ -96,6 +101,10 @@ struct ExportShared {
 pub struct VhostUserBlkExport {
     shared: Arc<ExportShared>,
     path: String,
+    /// The listening socket, to wake the control thread's accept().
+    listener: UnixListener,
+    /// The socket file's inode, so stop removes only our own.
+    socket_ino: Option<u64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -108,6 +117,7 @@ impl VhostUserBlkExport {
     /// one at a time until [`VhostUserBlkExport::stop`].
     pub fn start(cfg: VhostUserBlkExportConfig) -> Result<Self, VhostUserBlkError> {
         let opts = cfg.opts;
+        opts.check()?;
         let read_only = opts.read_only || cfg.node.read_only();
         let n = usize::from(opts.num_queues.max(1));
         let mut handlers = Vec::with_capacity(n);
@@ -149,7 +159,11 @@ impl VhostUserBlkExport {
             stopping: AtomicBool::new(false),
             current: Mutex::new(None),
         });
+        let socket_ino = std::fs::metadata(&cfg.path).ok().map(|m| m.ino());
         let s = shared.clone();
+        let waker = listener
+            .try_clone()
+            .map_err(|e| VhostUserBlkError::Listen(cfg.path.clone(), e))?;
         let thread = std::thread::Builder::new()
             .name(format!("export-{}", shared.id))
             .spawn(move || serve(&s, &listener))
@@ -157,6 +171,8 @@ impl VhostUserBlkExport {
         Ok(VhostUserBlkExport {
             shared,
             path: cfg.path,
+            listener: waker,
+            socket_ino,
             thread: Some(thread),
         })
     }
@@ -208,10 +224,20 @@ impl VhostUserBlkExport {
             lock(session).stop_all(Stop::Drain);
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
-        // Wake an accept() that is waiting for a frontend.
-        let _ = UnixStream::connect(&self.path);
+        // Wake an accept() that is waiting for a frontend: on Linux,
+        // shutdown() of a listening socket makes it fail with EINVAL. (A
+        // connect() to the path would miss if the path was unlinked or
+        // taken by another process.)
+        // SAFETY: shutdown on a socket fd this export owns; no memory is
+        // passed.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         let _ = thread.join();
-        let _ = std::fs::remove_file(&self.path);
+        // Remove the socket only if it is still ours.
+        if let Ok(m) = std::fs::metadata(&self.path) {
+            if self.socket_ino == Some(m.ino()) {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
         let flushed = match lock(&self.shared.handlers).first_mut() {
             Some(Some(h)) => h.flush_node(),
             _ => Ok(()),

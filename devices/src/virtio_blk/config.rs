@@ -55,6 +55,69 @@ impl Default for BlkOptions {
     }
 }
 
+/// Largest virtqueue QEMU accepts (VIRTQUEUE_MAX_SIZE).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most queues a virtio-blk device or export may have.
+pub const MAX_QUEUES: u16 = 64;
+
+/// A virtio-blk option out of range, in QEMU's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlkOptionsError {
+    /// `num-queues=0`.
+    #[error("num-queues property must be larger than 0")]
+    NoQueues,
+    /// More queues than [`MAX_QUEUES`].
+    #[error("num-queues property must be <= {MAX_QUEUES}")]
+    TooManyQueues,
+    /// A queue too small for a request (header, data, status).
+    #[error("invalid queue-size property ({0}), must be > 2")]
+    QueueTooSmall(u16),
+    /// Not a power of two, or above [`MAX_QUEUE_SIZE`].
+    #[error("invalid queue-size property ({0}), must be a power of 2 (max {MAX_QUEUE_SIZE})")]
+    BadQueueSize(u16),
+    /// A block size that is not a power of two in 512..=65536.
+    #[error("{0} must be a power of 2 between 512 and 65536, not {1}")]
+    BadBlockSize(&'static str, u32),
+    /// Logical blocks larger than physical ones.
+    #[error("logical_block_size > physical_block_size not supported")]
+    LogicalAbovePhysical,
+}
+
+impl BlkOptions {
+    /// The one check of virtio-blk options, for the VMM's devices and the
+    /// vhost-user-blk export alike. A physical block size of 0 means the
+    /// logical one.
+    pub fn check(&self) -> Result<(), BlkOptionsError> {
+        if self.num_queues == 0 {
+            return Err(BlkOptionsError::NoQueues);
+        }
+        if self.num_queues > MAX_QUEUES {
+            return Err(BlkOptionsError::TooManyQueues);
+        }
+        let qs = self.queue_size;
+        if qs <= 2 {
+            return Err(BlkOptionsError::QueueTooSmall(qs));
+        }
+        if !qs.is_power_of_two() || qs > MAX_QUEUE_SIZE {
+            return Err(BlkOptionsError::BadQueueSize(qs));
+        }
+        let lbs = self.logical_block_size;
+        let pbs = match self.physical_block_size {
+            0 => lbs,
+            p => p,
+        };
+        for (name, v) in [("logical_block_size", lbs), ("physical_block_size", pbs)] {
+            if !(512..=65536).contains(&v) || !v.is_power_of_two() {
+                return Err(BlkOptionsError::BadBlockSize(name, v));
+            }
+        }
+        if lbs > pbs {
+            return Err(BlkOptionsError::LogicalAbovePhysical);
+        }
+        Ok(())
+    }
+}
+
 fn bit(b: u32) -> u64 {
     1u64 << b
 }

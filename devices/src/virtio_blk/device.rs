@@ -30,9 +30,9 @@ use crate::virtio::{QueueConfig, VirtioDevice, VirtioDeviceError, VirtioInterrup
 /// Why a virtio-blk device could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioBlkDeviceError {
-    /// The queue size is not a power of two in 1..=32768, or no queues.
-    #[error("queue-size must be a power of 2 up to 32768 and num-queues at least 1")]
-    BadQueues,
+    /// An option is out of range.
+    #[error("invalid virtio-blk options")]
+    Options(#[from] config::BlkOptionsError),
     /// A notification EventFd could not be made.
     #[error("could not create a queue event")]
     Event(#[source] std::io::Error),
@@ -73,10 +73,7 @@ pub struct VirtioBlk {
 impl VirtioBlk {
     /// A device for `cfg` over guest memory `mem`.
     pub fn new(cfg: VirtioBlkConfig, mem: Arc<GuestMem>) -> Result<Self, VirtioBlkDeviceError> {
-        let qs = cfg.opts.queue_size;
-        if cfg.opts.num_queues == 0 || qs == 0 || !qs.is_power_of_two() || qs > 32768 {
-            return Err(VirtioBlkDeviceError::BadQueues);
-        }
+        cfg.opts.check()?;
         let iothreads = if cfg.iothreads.is_empty() {
             let t = IoThread::new(
                 &format!("{}-io", cfg.id),

@@ -29,6 +29,9 @@ const COMMON: &[&str] = &[
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum DriverName {
+    /// QEMU spells file-posix on a block device `host_device`; the same
+    /// driver serves both here.
+    #[serde(alias = "host_device")]
     File,
     Raw,
     NullCo,

@@ -447,3 +447,14 @@ fn blkio_driver_as_inline_raw_child() {
     let back = json(serde_json::to_value(&k).unwrap());
     assert_eq!(back, k);
 }
+
+#[test]
+fn host_device_is_qemus_name_for_file_on_a_block_device() {
+    let k = keyval("driver=host_device,node-name=h0,filename=/dev/loop0,aio=io_uring");
+    let f = keyval("driver=file,node-name=h0,filename=/dev/loop0,aio=io_uring");
+    assert_eq!(k, f);
+    let j = json(
+        json!({"driver": "host_device", "node-name": "h0", "filename": "/dev/loop0", "aio": "io_uring"}),
+    );
+    assert_eq!(j, f);
+}
