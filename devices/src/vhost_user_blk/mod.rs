@@ -325,3 +325,6 @@ fn run_session(shared: &ExportShared, mut handler: BackendReqHandler<Mutex<Sessi
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
