@@ -76,6 +76,13 @@ pub trait NodeQueue: Send {
     /// batch where the engine allows).
     fn kick(&mut self) {}
 
+    /// Brings the queue's registered memory up to date with the RAM
+    /// registrar now rather than at its next request: a user that removed
+    /// regions (a vhost-user frontend went away) and may stay idle calls
+    /// it, so the node lets go of memory that is gone (fixed buffers,
+    /// mapped regions, their fds).
+    fn sync_memory(&mut self) {}
+
     /// A file descriptor that becomes readable when completions are ready.
     fn completion_fd(&self) -> RawFd;
 

@@ -132,6 +132,10 @@ struct RawQueue {
 }
 
 impl NodeQueue for RawQueue {
+    fn sync_memory(&mut self) {
+        self.child.sync_memory();
+    }
+
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
         let cap = window(self.offset, self.size, self.child_node.capacity());
         let mut req = match self.common.precheck(req, cap)? {

@@ -317,10 +317,11 @@ fn daemon_fds_and_rss_stay_flat_across_many_frontend_sessions() -> Result<()> {
         Ok(())
     };
 
-    // The baseline is taken after a few sessions, not at start: the
-    // first session opens what the export keeps (and the daemon holds the
-    // last frontend's memory-region memfds until the next frontend's
-    // requests make the node queue drop them), none of which may grow.
+    // The baseline is taken after a few sessions (for RSS: the first
+    // sessions warm the allocator); the fds must come back to what the
+    // daemon had before any frontend: a session's memfds, kick and call
+    // fds are all closed when it ends, the node queues' views of the
+    // frontend's memory included.
     let idle = open_fds(pid)?;
     for i in 0..WARM_UP {
         session(i)?;
@@ -346,6 +347,11 @@ fn daemon_fds_and_rss_stay_flat_across_many_frontend_sessions() -> Result<()> {
         }
     }
 
+    assert_eq!(
+        base_fds.len(),
+        idle.len(),
+        "the warm-up sessions left fds open: {opened:?}"
+    );
     let fds = fds_settled_at(pid, base_fds.len(), Duration::from_secs(2))?;
     let rss = rss_kib(pid)?;
     eprintln!(

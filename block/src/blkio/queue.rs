@@ -197,6 +197,12 @@ impl BlkioQueue {
 }
 
 impl NodeQueue for BlkioQueue {
+    fn sync_memory(&mut self) {
+        if let Some(r) = &mut self.regions {
+            r.sync(&self.stats);
+        }
+    }
+
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
         let cap = self.capacity_for(&req);
         let req = match self.common.precheck(req, cap)? {

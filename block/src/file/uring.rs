@@ -253,6 +253,10 @@ impl UringQueue {
 }
 
 impl NodeQueue for UringQueue {
+    fn sync_memory(&mut self) {
+        self.fixed.sync(&self.ring, &self.ctx.stats);
+    }
+
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
         let cap = self.ctx.inner.capacity_for(&req);
         let req = match self.ctx.common.precheck(req, cap)? {

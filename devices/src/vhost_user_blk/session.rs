@@ -337,6 +337,11 @@ impl Session {
         self.stop_all(how);
         self.drop_regions();
         self.mem = None;
+        // The node queues would keep the departed frontend's RAM (its
+        // memfds, io_uring fixed buffers) until their next request.
+        for h in lock(&self.shared.handlers).iter_mut().flatten() {
+            h.sync_memory();
+        }
         for v in &mut self.vrings {
             v.kick = None;
             v.call = None;

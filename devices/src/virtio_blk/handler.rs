@@ -241,6 +241,12 @@ impl BlkQueueHandler {
         self.done = done;
     }
 
+    /// Lets the node queue drop memory the registrar no longer has (see
+    /// `NodeQueue::sync_memory`).
+    pub fn sync_memory(&mut self) {
+        self.queue.sync_memory();
+    }
+
     /// Reports host I/O errors to `hook` from now on.
     pub fn set_io_error_hook(&mut self, hook: Option<IoErrorHook>) {
         self.io_error = hook;
