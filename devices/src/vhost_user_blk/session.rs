@@ -420,7 +420,14 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         self.drop_regions();
         self.regions = regions;
-        self.rebuild_memory()?;
+        if let Err(e) = self.rebuild_memory() {
+            // Overlapping or unsorted regions: no memory until the
+            // frontend sends a table that makes sense.
+            self.stop_all(Stop::Drain);
+            self.drop_regions();
+            self.mem = None;
+            return Err(e);
+        }
         Ok(None)
     }
 
@@ -486,7 +493,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         let call = fd.map(eventfd).transpose()?;
         let running = self.vrings[i].worker.is_some();
         if running {
-            // The worker keeps its requests; it is re-added with the new call.
+            // Complete what is in flight on the old call fd, then serve
+            // the ring again with the new one.
             self.stop_worker(i, Stop::Drain);
         }
         self.vrings[i].call = call;
