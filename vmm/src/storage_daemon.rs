@@ -9,13 +9,13 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use block::{BlockGraph, BlockNode, RequestOp};
+use block::{BlockGraph, RequestOp};
 use clap::Args;
 use devices::iothread::IoThread;
 use devices::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkExportConfig};
 use devices::virtio_blk::{BlkOptions, IoErrorHook};
 use qapi::export::{BlockExportOptions, SocketAddress};
-use qapi::object::{IothreadProperties, ObjectOptions, ObjectProperties};
+use qapi::object::{ObjectOptions, ObjectProperties};
 use serde_json::{json, Map, Value};
 
 use crate::qmp::{self, Events, Monitor, QmpError, QmpServer};
@@ -47,14 +47,6 @@ pub struct StorageDaemonArgs {
     pidfile: Option<PathBuf>,
 }
 
-/// One running export.
-struct Export {
-    id: String,
-    node_name: String,
-    node: Arc<dyn BlockNode>,
-    export: VhostUserBlkExport,
-}
-
 /// What ends the daemon.
 enum Control {
     Signal(&'static str),
@@ -64,14 +56,14 @@ enum Control {
 /// The daemon's state, shared by the main thread and the QMP clients.
 struct Daemon {
     state: Mutex<State>,
-    iothreads: HashMap<String, (IothreadProperties, Arc<IoThread>)>,
+    iothreads: HashMap<String, Arc<IoThread>>,
     events: Events,
     control: Mutex<mpsc::Sender<Control>>,
 }
 
 struct State {
     graph: BlockGraph,
-    exports: Vec<Export>,
+    exports: Vec<VhostUserBlkExport>,
 }
 
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`.
@@ -103,7 +95,7 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
                 }
                 let t = IoThread::new(&o.id, vmm::attach::iothread_config(&p))
                     .with_context(|| format!("could not start iothread '{}'", o.id))?;
-                iothreads.insert(o.id.clone(), (p, t));
+                iothreads.insert(o.id.clone(), t);
             }
         }
     }
@@ -177,7 +169,7 @@ impl Daemon {
 
     fn add_export(&self, e: &BlockExportOptions) -> Result<(), QmpError> {
         let mut st = self.lock();
-        if st.exports.iter().any(|x| x.id == e.id) {
+        if st.exports.iter().any(|x| x.id() == e.id) {
             return Err(QmpError::generic(format!(
                 "Block export id '{}' is already in use",
                 e.id
@@ -185,7 +177,7 @@ impl Daemon {
         }
         let iothread = match &e.iothread {
             Some(io) => match self.iothreads.get(io) {
-                Some((_, t)) => Some(t.clone()),
+                Some(t) => Some(t.clone()),
                 None => return Err(QmpError::generic(format!("Cannot find iothread '{io}'"))),
             },
             None => None,
@@ -198,10 +190,10 @@ impl Daemon {
 
     fn del_export(&self, id: &str, hard: bool) -> Result<(), QmpError> {
         let mut st = self.lock();
-        let Some(i) = st.exports.iter().position(|x| x.id == id) else {
+        let Some(i) = st.exports.iter().position(|x| x.id() == id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
-        let connected = st.exports[i].export.connected();
+        let connected = st.exports[i].connected();
         if connected && !hard {
             return Err(QmpError::generic(format!(
                 "export '{id}' still in use (use mode='hard' to force client disconnect)"
@@ -209,10 +201,10 @@ impl Daemon {
         }
         let mut e = st.exports.remove(i);
         stop_export(&mut e);
-        st.graph.detach(&e.node_name, &user_name(&e.id));
+        st.graph.detach(e.node().node_name(), &user_name(e.id()));
         drop(st);
         self.events
-            .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": e.id})));
+            .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": e.id()})));
         Ok(())
     }
 }
@@ -252,11 +244,11 @@ impl Monitor for Daemon {
                         .map(|e| {
                             json!({
                                 "device": "",
-                                "qdev": e.id,
+                                "qdev": e.id(),
                                 "type": "unknown",
                                 "removable": false,
                                 "locked": false,
-                                "inserted": qmp::block::node_info(e.node.as_ref()),
+                                "inserted": qmp::block::node_info(e.node().as_ref()),
                             })
                         })
                         .collect(),
@@ -267,13 +259,14 @@ impl Monitor for Daemon {
                 let mut out = Vec::new();
                 let mut ids: Vec<_> = self.iothreads.iter().collect();
                 ids.sort_by(|a, b| a.0.cmp(b.0));
-                for (id, (p, t)) in ids {
+                for (id, t) in ids {
+                    let c = t.config();
                     out.push(json!({
                         "id": id,
                         "thread-id": t.thread_id(),
-                        "poll-max-ns": p.poll_max_ns.unwrap_or(32768),
-                        "poll-grow": p.poll_grow.unwrap_or(0),
-                        "poll-shrink": p.poll_shrink.unwrap_or(0),
+                        "poll-max-ns": c.poll_max_ns,
+                        "poll-grow": c.poll_grow,
+                        "poll-shrink": c.poll_shrink,
                         "aio-max-batch": 0,
                     }));
                 }
@@ -311,8 +304,8 @@ impl Monitor for Daemon {
                         .map(|e| {
                             json!({
                                 "type": "vhost-user-blk",
-                                "id": e.id,
-                                "node-name": e.node_name,
+                                "id": e.id(),
+                                "node-name": e.node().node_name(),
                                 "shutting-down": false,
                             })
                         })
@@ -352,7 +345,7 @@ fn start_export(
     e: &BlockExportOptions,
     iothread: Option<Arc<IoThread>>,
     events: &Events,
-) -> Result<Export> {
+) -> Result<VhostUserBlkExport> {
     let SocketAddress::Unix { path } = &e.addr;
     let lbs = e.logical_block_size.map_or(512, |s| s.0);
     let num_queues = e.num_queues.unwrap_or(1);
@@ -382,12 +375,7 @@ fn start_export(
         io_error: Some(io_error_event(events, &e.id, &e.node_name)),
     })?;
     graph.attach(&e.node_name, &user_name(&e.id))?;
-    Ok(Export {
-        id: e.id.clone(),
-        node_name: e.node_name.clone(),
-        node,
-        export,
-    })
+    Ok(export)
 }
 
 /// QMP's `BLOCK_IO_ERROR` for a failed request of export `id`.
@@ -415,21 +403,21 @@ fn io_error_event(events: &Events, id: &str, node_name: &str) -> IoErrorHook {
 }
 
 /// Completes in-flight requests, flushes the node, closes the socket.
-fn stop_export(e: &mut Export) {
-    let flushed = e.export.stop();
+fn stop_export(e: &mut VhostUserBlkExport) {
+    let flushed = e.stop();
     eprintln!("{}", stats_line(e));
     if let Err(err) = flushed {
-        eprintln!("export '{}': final flush failed: {err}", e.id);
+        eprintln!("export '{}': final flush failed: {err}", e.id());
     }
 }
 
 /// One line of what the export did, for logs and tests.
-fn stats_line(e: &Export) -> String {
-    let s = e.node.stats().snapshot();
+fn stats_line(e: &VhostUserBlkExport) -> String {
+    let s = e.node().stats().snapshot();
     // Which memory path requests took is known where the I/O happens: the
     // protocol node under any format nodes.
     let (mut registered, mut bounced) = (0, 0);
-    let mut stack = vec![e.node.clone()];
+    let mut stack = vec![e.node().clone()];
     while let Some(n) = stack.pop() {
         let ns = n.stats().snapshot();
         registered += ns.registered_ops;
@@ -438,14 +426,14 @@ fn stats_line(e: &Export) -> String {
     }
     let errors =
         s.read.errors + s.write.errors + s.flush.errors + s.discard.errors + s.write_zeroes.errors;
-    let c = e.export.counters();
+    let c = e.counters();
     let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     format!(
         "blkvm storage-daemon: export {} stats: requests={} read_ops={} read_bytes={} write_ops={} \
          write_bytes={} flush_ops={} discard_ops={} write_zeroes_ops={} errors={} registered_ops={} \
          bounced_ops={} kicks={} completion_wakeups={} poll_hits={} interrupts={} late_entries={}",
-        e.id,
-        e.export.requests(),
+        e.id(),
+        e.requests(),
         s.read.ops,
         s.read.bytes,
         s.write.ops,
