@@ -36,10 +36,30 @@ const POLL_START_NS: u64 = 4000;
 /// QEMU's default grow factor.
 const DEFAULT_POLL_GROW: u64 = 2;
 
+/// A subscriber seen as `Any`, so its owner can reach it by type
+/// ([`IoThread::remove_as`], [`IoThread::with_subscriber`]). Every
+/// `'static` type has it.
+pub trait AsAny {
+    /// Boxed, for taking the subscriber back.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+    /// Borrowed, for calling it in place.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Any + Send> AsAny for T {
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// What runs on an IOThread: an event-manager subscriber that may also
 /// offer busy-poll hooks (QEMU's `io_poll`, `io_poll_begin`,
 /// `io_poll_end`).
-pub trait IoSubscriber: MutEventSubscriber + Send {
+pub trait IoSubscriber: MutEventSubscriber + Send + AsAny {
     /// The thread starts polling: notifications the poll makes redundant
     /// (the driver's kicks) may be turned off until [`IoSubscriber::poll_end`].
     fn poll_begin(&mut self) {}
@@ -56,14 +76,6 @@ pub trait IoSubscriber: MutEventSubscriber + Send {
     fn poll_end(&mut self) -> bool {
         false
     }
-
-    /// The subscriber as `Any`, so its owner can take it back by type
-    /// ([`IoThread::remove_as`]).
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
-
-    /// The subscriber as `Any`, so its owner can reach it by type in
-    /// place ([`IoThread::with_subscriber`]).
-    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 type Sub = Box<dyn IoSubscriber>;
@@ -311,7 +323,7 @@ impl IoThread {
                 Ok(ops
                     .subscriber_mut(id)
                     .ok()
-                    .and_then(|s| s.as_any_mut().downcast_mut::<T>())
+                    .and_then(|s| (**s).as_any_mut().downcast_mut::<T>())
                     .map(f)
                     .is_some())
             })

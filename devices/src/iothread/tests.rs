@@ -48,14 +48,6 @@ impl IoSubscriber for Counter {
         }
         false
     }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
 }
 
 struct Probe {

@@ -3,7 +3,6 @@
 //! the export is driven by an in-process vhost-user frontend (the `vhost`
 //! crate's) over guest memory backed by a memfd, as QEMU's is.
 
-use std::any::Any;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -76,15 +75,7 @@ impl MutEventSubscriber for Gate {
     }
 }
 
-impl IoSubscriber for Gate {
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
+impl IoSubscriber for Gate {}
 
 /// `MEM_SIZE` bytes of guest memory at 0 on a memfd (the fd the frontend
 /// sends with SET_MEM_TABLE).

@@ -259,9 +259,7 @@ impl VirtioDevice for VirtioBlk {
     fn reset(&mut self) {
         for (t, id) in self.active.drain(..) {
             match t.remove_as::<QueueWorker>(id) {
-                Ok(mut w) => {
-                    w.drain();
-                }
+                Ok(mut w) => w.drain(),
                 Err(e) => eprintln!("{}: reset: {e}", self.id),
             }
         }

@@ -16,7 +16,6 @@
 //! on and looks at the avail ring once more, so an entry the driver added
 //! while it was not kicking is never left behind (virtio 1.2, 2.7.10).
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -134,16 +133,13 @@ impl QueueWorker {
     }
 
     /// Completes every in-flight request into the used ring (device stop
-    /// or reset; the worker is off its thread) and returns how many chains
-    /// it returned. Kicks are left on, so a ring resumed later is not left
-    /// mute.
-    pub fn drain(&mut self) -> usize {
+    /// or reset; the worker is off its thread). Kicks are left on, so a
+    /// ring resumed later is not left mute.
+    pub fn drain(&mut self) {
         if !self.broken {
             self.set_kicks(true);
         }
-        let before = self.handler.in_flight();
         self.handler.drain(&mut self.queue, &self.mem);
-        before - self.handler.in_flight()
     }
 
     /// Raises the queue's interrupt (after [`QueueWorker::drain`]).
@@ -323,14 +319,6 @@ impl IoSubscriber for QueueWorker {
             return true;
         }
         false
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 
