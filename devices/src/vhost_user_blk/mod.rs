@@ -18,6 +18,7 @@
 //! completes in-flight requests into the rings, flushes the node and
 //! closes the socket.
 
+mod memory;
 mod session;
 
 use std::io;

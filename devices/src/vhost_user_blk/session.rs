@@ -13,11 +13,10 @@
 //! generation; workers get the new generation by value.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use block::{MemoryRegion, RegionId};
 use event_manager::SubscriberId;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -30,17 +29,15 @@ use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::memory::{FrontendMemory, MAX_MEM_SLOTS};
 use super::{lock, ExportShared};
 use crate::iothread::IoThread;
 use crate::virtio::{VirtioInterrupt, VirtioIrq};
 use crate::virtio_blk::config::{self, CONFIG_LEN, WRITEBACK_OFFSET};
-use crate::virtio_blk::{GuestMem, QueueWorker, QueueWorkerConfig};
-
-/// Memory slots offered with CONFIGURE_MEM_SLOTS (the kernel's vhost limit).
-const MAX_MEM_SLOTS: u64 = 509;
+use crate::virtio_blk::{QueueWorker, QueueWorkerConfig};
 
 /// The frontend's call fd as a queue's interrupt.
 struct CallInterrupt {
@@ -56,14 +53,6 @@ impl VirtioInterrupt for CallInterrupt {
         // vhost-user has no such signal: the worker has logged the error
         // and stopped the queue until the frontend resets it.
     }
-}
-
-/// One region of the frontend's memory table.
-struct Region {
-    mmap: Arc<GuestRegionMmap<()>>,
-    /// The frontend's address of the region (vring addresses use it).
-    user_addr: u64,
-    registered: RegionId,
 }
 
 /// One vring as the frontend configured it.
@@ -94,12 +83,11 @@ pub(super) struct Session {
     owned: bool,
     acked_features: u64,
     acked_protocol_features: u64,
-    regions: Vec<Region>,
-    mem: Option<Arc<GuestMem>>,
+    memory: FrontendMemory,
     vrings: Vec<Vring>,
 }
 
-fn invalid(what: &str) -> VuError {
+pub(super) fn invalid(what: &str) -> VuError {
     VuError::ReqHandlerError(std::io::Error::new(
         std::io::ErrorKind::InvalidInput,
         what.to_string(),
@@ -135,12 +123,11 @@ impl Session {
             })
             .collect();
         Session {
+            memory: FrontendMemory::new(shared.registrar.clone()),
             shared,
             owned: false,
             acked_features: 0,
             acked_protocol_features: 0,
-            regions: Vec::new(),
-            mem: None,
             vrings,
         }
     }
@@ -151,21 +138,13 @@ impl Session {
             .ok_or_else(|| invalid("no such vring"))
     }
 
-    /// The guest address of a frontend address.
-    fn to_gpa(&self, user: u64) -> Option<u64> {
-        self.regions.iter().find_map(|r| {
-            let off = user.checked_sub(r.user_addr)?;
-            (off < r.mmap.len()).then(|| r.mmap.start_addr().0 + off)
-        })
-    }
-
     /// Starts or stops vring `i`'s worker to match what the frontend asked.
     fn reconcile(&mut self, i: usize) -> VuResult<()> {
         let v = &self.vrings[i];
         let want = v.enabled
             && v.kick.is_some()
             && v.addrs.is_some()
-            && self.mem.is_some()
+            && self.memory.current().is_some()
             && !self.shared.stopping.load(Ordering::SeqCst);
         match (want, v.worker.is_some()) {
             (true, false) => self.start_worker(i),
@@ -179,11 +158,16 @@ impl Session {
 
     fn start_worker(&mut self, i: usize) -> VuResult<()> {
         let shared = self.shared.clone();
-        let mem = self.mem.clone().ok_or_else(|| invalid("no memory table"))?;
+        let mem = self
+            .memory
+            .current()
+            .cloned()
+            .ok_or_else(|| invalid("no memory table"))?;
         let v = &self.vrings[i];
         let (desc, used, avail) = v.addrs.ok_or_else(|| invalid("no vring addresses"))?;
         let gpa = |a: u64| {
-            self.to_gpa(a)
+            self.memory
+                .to_gpa(a)
                 .ok_or_else(|| invalid("a vring address is outside the memory table"))
         };
         let (desc, used, avail) = (gpa(desc)?, gpa(used)?, gpa(avail)?);
@@ -277,7 +261,7 @@ impl Session {
 
     /// Hands every running worker the current memory generation.
     fn remap_workers(&mut self) {
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.memory.current().cloned() else {
             self.stop_all(Stop::Drain);
             return;
         };
@@ -292,51 +276,10 @@ impl Session {
         }
     }
 
-    /// Rebuilds the memory generation from the regions.
-    fn rebuild_memory(&mut self) -> VuResult<()> {
-        self.regions.sort_by_key(|r| r.mmap.start_addr());
-        self.mem = if self.regions.is_empty() {
-            None
-        } else {
-            let all = self.regions.iter().map(|r| r.mmap.clone()).collect();
-            Some(Arc::new(GuestMem::from_arc_regions(all).map_err(|e| {
-                VuError::ReqHandlerError(std::io::Error::other(e))
-            })?))
-        };
-        self.remap_workers();
-        Ok(())
-    }
-
-    fn map_region(&mut self, r: &VhostUserMemoryRegion, file: File) -> VuResult<Region> {
-        let fd = Arc::new(OwnedFd::from(
-            file.try_clone().map_err(VuError::ReqHandlerError)?,
-        ));
-        let mmap = GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
-            .ok_or_else(|| invalid("a memory region overflows the guest address space"))?;
-        let registered = self.shared.registrar.add(MemoryRegion {
-            host_addr: mmap.as_ptr() as u64,
-            len: mmap.len(),
-            fd: Some(fd),
-            fd_offset: r.mmap_offset,
-        });
-        Ok(Region {
-            mmap: Arc::new(mmap),
-            user_addr: r.user_addr,
-            registered,
-        })
-    }
-
-    fn drop_regions(&mut self) {
-        for r in self.regions.drain(..) {
-            self.shared.registrar.remove(r.registered);
-        }
-    }
-
     /// Ends the session: stops every worker (`how`), forgets the memory.
     pub(super) fn close(&mut self, how: Stop) {
         self.stop_all(how);
-        self.drop_regions();
-        self.mem = None;
+        self.memory.clear();
         // The node queues would keep the departed frontend's RAM (its
         // memfds, io_uring fixed buffers) until their next request.
         for h in lock(&self.shared.handlers).iter_mut().flatten() {
@@ -406,29 +349,9 @@ impl VhostUserBackendReqHandlerMut for Session {
         if postcopy_listening.is_some() {
             return Err(VuError::InvalidOperation("postcopy is not supported"));
         }
-        let mut regions = Vec::with_capacity(ctx.len());
-        for (r, file) in ctx.iter().zip(files) {
-            match self.map_region(r, file) {
-                Ok(r) => regions.push(r),
-                Err(e) => {
-                    for r in regions {
-                        self.shared.registrar.remove(r.registered);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        self.drop_regions();
-        self.regions = regions;
-        if let Err(e) = self.rebuild_memory() {
-            // Overlapping or unsorted regions: no memory until the
-            // frontend sends a table that makes sense.
-            self.stop_all(Stop::Drain);
-            self.drop_regions();
-            self.mem = None;
-            return Err(e);
-        }
-        Ok(None)
+        let r = self.memory.replace(ctx, files);
+        self.remap_workers();
+        r.map(|()| None)
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
@@ -597,34 +520,17 @@ impl VhostUserBackendReqHandlerMut for Session {
         if postcopy_listening.is_some() {
             return Err(VuError::InvalidOperation("postcopy is not supported"));
         }
-        if self.regions.len() as u64 >= MAX_MEM_SLOTS {
-            return Err(invalid("no memory slot left"));
-        }
-        let r = self.map_region(region, fd)?;
-        self.regions.push(r);
-        if let Err(e) = self.rebuild_memory() {
-            // Overlapping regions: forget the new one.
-            let gpa = GuestAddress(region.guest_phys_addr);
-            if let Some(i) = self.regions.iter().position(|r| r.mmap.start_addr() == gpa) {
-                let r = self.regions.remove(i);
-                self.shared.registrar.remove(r.registered);
-            }
-            self.rebuild_memory()?;
-            return Err(e);
-        }
+        self.memory.add(region, fd)?;
+        self.remap_workers();
         Ok(None)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        let gpa = GuestAddress(region.guest_phys_addr);
-        let i = self
-            .regions
-            .iter()
-            .position(|r| r.mmap.start_addr() == gpa && r.mmap.len() == region.memory_size)
-            .ok_or_else(|| invalid("no such memory region"))?;
-        let r = self.regions.remove(i);
-        self.shared.registrar.remove(r.registered);
-        self.rebuild_memory()
+        let r = self
+            .memory
+            .remove(region.guest_phys_addr, region.memory_size);
+        self.remap_workers();
+        r
     }
 
     fn set_device_state_fd(
