@@ -19,9 +19,17 @@ pub(crate) fn new_eventfd() -> Result<EventFd, BlockError> {
 }
 
 /// Completions produced on the owning thread (immediate results).
+///
+/// [`LocalCompletions::push`] makes the eventfd readable at once;
+/// [`LocalCompletions::push_quiet`] leaves that to the queue's `kick`
+/// ([`LocalCompletions::signal`]), so a caller that reaps right after it
+/// submits (a queue handler polling for completions a node finished
+/// inline) pays no eventfd write and read for them.
 pub(crate) struct LocalCompletions {
     ready: VecDeque<Completion>,
     eventfd: Arc<EventFd>,
+    /// The eventfd was written for what is in `ready`.
+    signaled: bool,
 }
 
 impl LocalCompletions {
@@ -29,23 +37,37 @@ impl LocalCompletions {
         LocalCompletions {
             ready: VecDeque::with_capacity(64),
             eventfd,
+            signaled: false,
         }
     }
 
     /// Queue a completion and make the eventfd readable.
     pub fn push(&mut self, c: Completion) {
-        if self.ready.is_empty() {
-            // A failed write means the counter is saturated: already readable.
-            let _ = self.eventfd.write(1);
-        }
+        self.ready.push_back(c);
+        self.signal();
+    }
+
+    /// Queue a completion; the eventfd is made readable by the next
+    /// [`LocalCompletions::signal`] (the queue's `kick`) if nobody has
+    /// taken it by then.
+    pub fn push_quiet(&mut self, c: Completion) {
         self.ready.push_back(c);
     }
 
-    /// Move everything ready to `out`.
-    pub fn drain_into(&mut self, out: &mut Vec<Completion>) -> usize {
-        let n = self.ready.len();
+    /// Make the eventfd readable if completions wait and it is not yet.
+    pub fn signal(&mut self) {
+        if !self.signaled && !self.ready.is_empty() {
+            // A failed write means the counter is saturated: already readable.
+            let _ = self.eventfd.write(1);
+            self.signaled = true;
+        }
+    }
+
+    /// Move everything ready to `out`; returns whether the eventfd was
+    /// written for them (the caller then clears it).
+    pub fn drain_into(&mut self, out: &mut Vec<Completion>) -> bool {
         out.extend(self.ready.drain(..));
-        n
+        std::mem::take(&mut self.signaled)
     }
 
     pub fn len(&self) -> usize {

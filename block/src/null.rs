@@ -124,7 +124,8 @@ struct NullQueue {
 impl NullQueue {
     fn complete(&mut self, c: Completion) {
         let Some(timer) = &mut self.timer else {
-            self.ready.push(c);
+            // Announced at the next kick, unless reaped before.
+            self.ready.push_quiet(c);
             return;
         };
         let due = c.request.start.unwrap_or_else(Instant::now) + self.latency;
@@ -161,6 +162,10 @@ impl NodeQueue for NullQueue {
         Ok(())
     }
 
+    fn kick(&mut self) {
+        self.ready.signal();
+    }
+
     fn completion_fd(&self) -> RawFd {
         match &self.timer {
             Some(t) => t.as_raw_fd(),
@@ -184,11 +189,10 @@ impl NodeQueue for NullQueue {
                     let _ = timer.reset(Duration::ZERO, None);
                 }
             }
-        } else if !self.ready.is_empty() {
-            // The eventfd is readable exactly while completions wait, so a
-            // busy poller with nothing ready makes no system call.
+        } else if self.ready.drain_into(out) {
+            // The eventfd is readable only after a kick left completions
+            // waiting: a poller that reaps first makes no system call.
             clear_eventfd(&self.eventfd);
-            self.ready.drain_into(out);
         }
         for c in &out[start..] {
             self.stats
@@ -211,4 +215,47 @@ fn arm(timer: &mut TimerFd, due: Instant) {
     let wait = due.saturating_duration_since(Instant::now());
     // A zero duration would disarm the timer: wait at least a nanosecond.
     let _ = timer.reset(wait.max(Duration::from_nanos(1)), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::RawFd;
+
+    use crate::{BlockGraph, Request};
+
+    fn readable(fd: RawFd) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn completions_reaped_before_the_kick_cost_no_eventfd_signal() {
+        let mut g = BlockGraph::new();
+        let node = g
+            .add(&qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap())
+            .unwrap();
+        let mut q = node.open_queue().unwrap();
+        let fd = q.completion_fd();
+        let mut out = Vec::new();
+
+        // Reaped at once: the eventfd was never made readable.
+        q.submit(Request::flush()).unwrap();
+        assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(!readable(fd));
+        q.kick();
+        assert!(!readable(fd), "nothing left to announce");
+
+        // Left for the event loop: the kick announces it.
+        q.submit(Request::flush()).unwrap();
+        assert!(!readable(fd));
+        q.kick();
+        assert!(readable(fd));
+        assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(!readable(fd), "reaping clears the eventfd");
+    }
 }

@@ -19,6 +19,7 @@
 //! sleep longer than that.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,24 @@ use std::time::{Duration, Instant};
 use event_manager::{
     EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps,
 };
+
+thread_local! {
+    /// When the current wait of this thread's loop ended (see
+    /// [`note_wakeup`]).
+    static WOKEN_AT: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Called by a subscriber as its `process` begins: the loop then measures
+/// how long it blocked up to this point, not how long the handlers ran
+/// after it (QEMU takes `block_ns` before dispatching). Without it, a long
+/// batch of work would count as a long wait and turn polling off.
+pub fn note_wakeup() {
+    WOKEN_AT.with(|w| {
+        if w.get().is_none() {
+            w.set(Some(Instant::now()));
+        }
+    });
+}
 
 /// QEMU's default `poll-max-ns` on Linux.
 pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
@@ -376,27 +395,37 @@ impl Loop {
                     .clone_from(&self.polls.ids.lock().unwrap_or_else(|e| e.into_inner()));
             }
             let start = Instant::now();
-            let mut found = self.poll.ns() > 0 && self.busy_poll(start);
-            if !found && self.polling {
-                found = self.end_polling();
+            let mut found_at = if self.poll.ns() > 0 {
+                self.busy_poll(start)
+            } else {
+                None
+            };
+            if found_at.is_none() && self.polling && self.end_polling() {
+                found_at = Some(Instant::now());
             }
-            let timeout = if found { 0 } else { -1 };
-            if !found {
+            let timeout = if found_at.is_some() { 0 } else { -1 };
+            if found_at.is_none() {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
             }
+            WOKEN_AT.with(|w| w.set(None));
             if let Err(e) = self.em.run_with_timeout(timeout) {
                 // Only a broken epoll fd gets here; back off rather than spin.
                 eprintln!("iothread: epoll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
             if self.config.poll_max_ns > 0 {
-                self.adapt(start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64);
+                let woken = found_at
+                    .or_else(|| WOKEN_AT.with(Cell::take))
+                    .unwrap_or_else(Instant::now);
+                let block = woken.saturating_duration_since(start);
+                self.adapt(block.as_nanos().min(u128::from(u64::MAX)) as u64);
             }
         }
     }
 
-    /// Runs the poll hooks until one finds work or the poll time is up.
-    fn busy_poll(&mut self, start: Instant) -> bool {
+    /// Runs the poll hooks until one finds work or the poll time is up;
+    /// returns when the round that found work began.
+    fn busy_poll(&mut self, start: Instant) -> Option<Instant> {
         let deadline = start + Duration::from_nanos(self.poll.ns());
         if !self.polling {
             self.polling = true;
@@ -407,6 +436,7 @@ impl Loop {
             }
         }
         loop {
+            let round = Instant::now();
             let mut found = false;
             for id in &self.ids {
                 if let Ok(s) = self.em.subscriber_mut(*id) {
@@ -415,10 +445,10 @@ impl Loop {
             }
             if found {
                 self.stats.poll_hits.fetch_add(1, Ordering::Relaxed);
-                return true;
+                return Some(round);
             }
-            if Instant::now() >= deadline || self.stop.load(Ordering::Relaxed) {
-                return false;
+            if round >= deadline || self.stop.load(Ordering::Relaxed) {
+                return None;
             }
             std::hint::spin_loop();
         }

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let payload = &rest[..rest.len().min((MEM - 0x1000) as usize)];
     mem.write_slice(payload, GuestAddress(0x1000)).unwrap();
-    if handler.process_queue(&mut q, &mem, true).is_ok() {
+    if handler.process_queue(&mut q, &mem, true, &mut || {}).is_ok() {
         handler.drain(&mut q, &mem);
         assert_eq!(handler.in_flight(), 0);
     }

@@ -191,7 +191,8 @@ impl BlkioQueue {
     }
 
     fn drain_local(&mut self, out: &mut Vec<Completion>) {
-        let n = self.local.drain_into(out);
+        let n = self.local.len();
+        self.local.drain_into(out);
         self.in_flight -= n;
     }
 }

@@ -65,7 +65,9 @@ fn run(r: &mut Rig, descs: &[RawDescriptor]) -> (u8, u32) {
     mq.build_desc_chain(descs).unwrap();
     let mut q: Queue = mq.create_queue().unwrap();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    r.handler.process_queue(&mut q, &mem, true).unwrap();
+    r.handler
+        .process_queue(&mut q, &mem, true, &mut || {})
+        .unwrap();
     r.handler.drain(&mut q, &mem);
     let used = mq.used_addr().0;
     assert_eq!(
@@ -258,7 +260,7 @@ fn avail_index_running_ahead_marks_the_queue_broken() {
     let mut q: Queue = mq.create_queue().unwrap();
     mq.avail().idx().store(u16::to_le(QSIZE + 5));
     assert!(matches!(
-        r.handler.process_queue(&mut q, &mem, true),
+        r.handler.process_queue(&mut q, &mem, true, &mut || {}),
         Err(BlkHandlerError::AvailRunaway)
     ));
 }
@@ -281,14 +283,18 @@ fn process_queue_without_rearm_leaves_the_kick_state_to_the_poller() {
     ])
     .unwrap();
     mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    r.handler.process_queue(&mut q, &mem, false).unwrap();
+    r.handler
+        .process_queue(&mut q, &mem, false, &mut || {})
+        .unwrap();
     let flags = mem.read_obj::<u16>(GuestAddress(used)).unwrap();
     assert_eq!(flags & 1, 1, "VRING_USED_F_NO_NOTIFY stays while polling");
     r.handler.drain(&mut q, &mem);
     assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     // With rearm, kicks come back on after the pop.
-    r.handler.process_queue(&mut q, &mem, true).unwrap();
+    r.handler
+        .process_queue(&mut q, &mem, true, &mut || {})
+        .unwrap();
     let flags = mem.read_obj::<u16>(GuestAddress(used)).unwrap();
     assert_eq!(flags & 1, 0);
 }
@@ -337,7 +343,7 @@ proptest! {
         }
         mq.add_desc_chains(&all, 0).unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
-        r.handler.process_queue(&mut q, &mem, true).unwrap();
+        r.handler.process_queue(&mut q, &mem, true, &mut || {}).unwrap();
         r.handler.drain(&mut q, &mem);
         let used = mq.used_addr().0;
         let n = mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
@@ -349,4 +355,53 @@ proptest! {
         prop_assert_eq!(seen, heads);
         prop_assert_eq!(r.handler.in_flight(), 0);
     }
+}
+
+#[test]
+fn a_large_batch_is_announced_every_submit_chunk_when_the_node_finishes_inline() {
+    let mut graph = BlockGraph::new();
+    let node = graph
+        .add(&qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap())
+        .unwrap();
+    let mut handler = BlkQueueHandler::new(
+        node.clone(),
+        node.open_queue().unwrap(),
+        &BlkOptions::default(),
+    );
+    let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+    let mq = MockSplitQueue::new(mem.as_ref(), 64);
+    let chains = 2 * super::handler::SUBMIT_CHUNK;
+    let mut descs = Vec::new();
+    for i in 0..chains as u64 {
+        header(&mem, HDR + 16 * i, VIRTIO_BLK_T_FLUSH, 0);
+        let d = descs.len() as u16;
+        descs.push(RawDescriptor::from(Descriptor::new(
+            HDR + 16 * i,
+            16,
+            1,
+            d + 1,
+        )));
+        descs.push(RawDescriptor::from(Descriptor::new(
+            STATUS + i,
+            1,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        )));
+    }
+    mq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: Queue = mq.create_queue().unwrap();
+    let mut announced = 0;
+    let last = handler
+        .process_queue(&mut q, &mem, true, &mut || announced += 1)
+        .unwrap();
+    // Each chunk was completed and announced while the batch was served;
+    // nothing was left for the end.
+    assert_eq!(announced, 2);
+    assert!(!last);
+    let used = mq.used_addr().0;
+    assert_eq!(
+        mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(),
+        chains as u16
+    );
+    assert_eq!(handler.in_flight(), 0);
 }

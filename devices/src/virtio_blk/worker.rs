@@ -201,9 +201,15 @@ impl QueueWorker {
             self.handler.set_writethrough(wt);
         }
         // While polling, kicks stay off: the poller watches the ring.
+        let (interrupt, counters, index) = (&self.interrupt, &self.counters, self.index);
         let r = self
             .handler
-            .process_queue(&mut self.queue, &self.mem, !self.polling);
+            .process_queue(&mut self.queue, &self.mem, !self.polling, &mut || {
+                WorkerCounters::bump(&counters.interrupts);
+                if let Err(e) = interrupt.signal(VirtioIrq::Queue(index)) {
+                    eprintln!("queue {index}: could not raise the interrupt: {e}");
+                }
+            });
         self.notify(r);
     }
 
@@ -244,6 +250,7 @@ impl QueueWorker {
 
 impl MutEventSubscriber for QueueWorker {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        crate::iothread::note_wakeup();
         if !events.event_set().contains(EventSet::IN) {
             return;
         }
