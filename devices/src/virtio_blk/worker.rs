@@ -173,12 +173,12 @@ impl QueueWorker {
 
     fn notify(&mut self, r: Result<bool, BlkHandlerError>) {
         match r {
-            Ok(true) => {
-                WorkerCounters::bump(&self.counters.interrupts);
-                if let Err(e) = self.interrupt.signal(VirtioIrq::Queue(self.index)) {
-                    eprintln!("{}: could not raise the interrupt: {e}", self.id);
-                }
-            }
+            Ok(true) => raise(
+                &self.id,
+                self.index,
+                self.interrupt.as_ref(),
+                &self.counters,
+            ),
             Ok(false) => {}
             Err(e) => {
                 eprintln!(
@@ -201,14 +201,12 @@ impl QueueWorker {
             self.handler.set_writethrough(wt);
         }
         // While polling, kicks stay off: the poller watches the ring.
-        let (interrupt, counters, index) = (&self.interrupt, &self.counters, self.index);
+        let (id, index) = (self.id.as_str(), self.index);
+        let (interrupt, counters) = (self.interrupt.as_ref(), self.counters.as_ref());
         let r = self
             .handler
             .process_queue(&mut self.queue, &self.mem, !self.polling, &mut || {
-                WorkerCounters::bump(&counters.interrupts);
-                if let Err(e) = interrupt.signal(VirtioIrq::Queue(index)) {
-                    eprintln!("queue {index}: could not raise the interrupt: {e}");
-                }
+                raise(id, index, interrupt, counters)
             });
         self.notify(r);
     }
@@ -245,6 +243,14 @@ impl QueueWorker {
         self.queue
             .avail_idx(self.mem.as_ref(), Ordering::Acquire)
             .is_ok_and(|a| a.0 != self.queue.next_avail())
+    }
+}
+
+/// Raises queue `index`'s interrupt and counts it.
+fn raise(id: &str, index: u16, interrupt: &dyn VirtioInterrupt, counters: &WorkerCounters) {
+    WorkerCounters::bump(&counters.interrupts);
+    if let Err(e) = interrupt.signal(VirtioIrq::Queue(index)) {
+        eprintln!("{id}: could not raise the interrupt: {e}");
     }
 }
 
