@@ -6,6 +6,7 @@ mod qmp;
 mod run;
 mod run_qmp;
 mod signals;
+mod startup;
 mod storage_daemon;
 
 use std::process::ExitCode;

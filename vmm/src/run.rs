@@ -9,23 +9,21 @@
 //! serves [`crate::run_qmp::VmMonitor`] and announces the end with a
 //! SHUTDOWN event.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use block::BlockGraph;
 use clap::Args;
 use qapi::device::DeviceOptions;
-use qapi::object::{ObjectOptions, ObjectProperties};
 use serde_json::json;
 
 use vmm::attach;
 use vmm::vm::legacy::VmExitReason;
 use vmm::vm::{pvm, SerialOutput, Vm, VmConfig};
 
-use crate::qmp::{self, Events, QmpServer};
+use crate::qmp::{Events, QmpServer};
 use crate::run_qmp::VmMonitor;
+use crate::startup::{self, MonitorArgs};
 
 /// The default kernel command line: serial console, reboot through the
 /// i8042 (which ends the VM), no reboot loop after a panic.
@@ -64,15 +62,8 @@ pub struct RunArgs {
     /// The serial console: `stdio` or `file:PATH`.
     #[arg(long, default_value = "stdio")]
     serial: String,
-    /// A QMP monitor: `unix:PATH,server=on,wait=off`; repeatable.
-    #[arg(long = "qmp", value_name = "ADDRESS")]
-    qmp: Vec<String>,
-    /// A character device for `--monitor`: `socket,id=ID,path=PATH,server=on,wait=off`.
-    #[arg(long = "chardev", value_name = "OPTIONS")]
-    chardevs: Vec<String>,
-    /// A QMP monitor on a `--chardev`: `chardev=ID`.
-    #[arg(long = "monitor", value_name = "OPTIONS")]
-    monitors: Vec<String>,
+    #[command(flatten)]
+    monitor: MonitorArgs,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -90,31 +81,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let memory =
         qapi::parse_size(&args.memory).with_context(|| format!("--memory {}", args.memory))?;
     let serial = parse_serial(&args.serial)?;
-    let mut qmp_addrs = Vec::new();
-    for q in &args.qmp {
-        qmp_addrs.push(qmp::parse_qmp_arg(q)?);
-    }
-    qmp_addrs.extend(qmp::monitors_from_chardevs(&args.chardevs, &args.monitors)?);
-    for a in &qmp_addrs {
-        qmp::check_path(&a.path)?;
-    }
-    let mut graph = BlockGraph::new();
-    for arg in &args.blockdevs {
-        let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
-        graph.add(&opts)?;
-    }
-    let mut iothreads = HashMap::new();
-    for arg in &args.objects {
-        let o: ObjectOptions =
-            qapi::object::parse_object(arg).with_context(|| format!("--object {arg}"))?;
-        match o.properties {
-            ObjectProperties::Iothread(p) => {
-                if iothreads.insert(o.id.clone(), p).is_some() {
-                    bail!("--object {arg}: duplicate ID '{}' for object", o.id);
-                }
-            }
-        }
-    }
+    let qmp_addrs = args.monitor.addresses()?;
+    let (mut graph, _) = startup::open_blockdevs(&args.blockdevs)?;
+    let iothreads = startup::iothread_objects(&args.objects)?;
     let mut device_opts: Vec<DeviceOptions> = Vec::new();
     for arg in &args.devices {
         let d = qapi::device::parse_device(arg).with_context(|| format!("--device {arg}"))?;

@@ -15,11 +15,11 @@ use devices::iothread::IoThread;
 use devices::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkExportConfig};
 use devices::virtio_blk::{BlkOptions, IoErrorHook};
 use qapi::export::{BlockExportOptions, SocketAddress};
-use qapi::object::{ObjectOptions, ObjectProperties};
 use serde_json::{json, Map, Value};
 
 use crate::qmp::{self, Events, Monitor, QmpError, QmpServer};
 use crate::signals;
+use crate::startup::{self, MonitorArgs};
 
 /// `blkvm storage-daemon` arguments.
 #[derive(Args, Debug)]
@@ -33,15 +33,8 @@ pub struct StorageDaemonArgs {
     /// An export: `type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N][,iothread=ID][,logical-block-size=N]`.
     #[arg(long = "export", value_name = "OPTIONS")]
     exports: Vec<String>,
-    /// A QMP monitor: `unix:PATH,server=on,wait=off`; repeatable.
-    #[arg(long = "qmp", value_name = "ADDRESS")]
-    qmp: Vec<String>,
-    /// A character device for `--monitor`: `socket,id=ID,path=PATH,server=on,wait=off`.
-    #[arg(long = "chardev", value_name = "OPTIONS")]
-    chardevs: Vec<String>,
-    /// A QMP monitor on a `--chardev`: `chardev=ID`.
-    #[arg(long = "monitor", value_name = "OPTIONS")]
-    monitors: Vec<String>,
+    #[command(flatten)]
+    monitor: MonitorArgs,
     /// Write the daemon's pid to this file once every export listens.
     #[arg(long)]
     pidfile: Option<PathBuf>,
@@ -71,33 +64,13 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
     // Before any thread exists, so every thread inherits the mask and the
     // signals are taken only by `wait`.
     let signals = signals::block_termination()?;
-    let mut qmp_addrs = Vec::new();
-    for q in &args.qmp {
-        qmp_addrs.push(qmp::parse_qmp_arg(q)?);
-    }
-    qmp_addrs.extend(qmp::monitors_from_chardevs(&args.chardevs, &args.monitors)?);
-    for a in &qmp_addrs {
-        qmp::check_path(&a.path)?;
-    }
-    let mut graph = BlockGraph::new();
-    for arg in &args.blockdevs {
-        let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
-        graph.add(&opts)?;
-    }
+    let qmp_addrs = args.monitor.addresses()?;
+    let (graph, _) = startup::open_blockdevs(&args.blockdevs)?;
     let mut iothreads = HashMap::new();
-    for arg in &args.objects {
-        let o: ObjectOptions =
-            qapi::object::parse_object(arg).with_context(|| format!("--object {arg}"))?;
-        match o.properties {
-            ObjectProperties::Iothread(p) => {
-                if iothreads.contains_key(&o.id) {
-                    bail!("--object {arg}: duplicate ID '{}' for object", o.id);
-                }
-                let t = IoThread::new(&o.id, vmm::attach::iothread_config(&p))
-                    .with_context(|| format!("could not start iothread '{}'", o.id))?;
-                iothreads.insert(o.id.clone(), t);
-            }
-        }
+    for (id, p) in startup::iothread_objects(&args.objects)? {
+        let t = IoThread::new(&id, vmm::attach::iothread_config(&p))
+            .with_context(|| format!("could not start iothread '{id}'"))?;
+        iothreads.insert(id, t);
     }
     let (tx, rx) = mpsc::channel();
     let daemon = Arc::new(Daemon {

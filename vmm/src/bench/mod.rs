@@ -9,7 +9,6 @@ mod job;
 mod report;
 
 use anyhow::{bail, Context, Result};
-use block::BlockGraph;
 use clap::{Args, ValueEnum};
 
 pub use job::{BufferMode, Pattern};
@@ -145,13 +144,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Runs the benchmark and prints its report.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let mut graph = BlockGraph::new();
-    let mut last = None;
-    for arg in &args.blockdevs {
-        let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
-        let node = graph.add(&opts)?;
-        last = Some(node.node_name().to_string());
-    }
+    let (mut graph, last) = crate::startup::open_blockdevs(&args.blockdevs)?;
     let name = args.node.clone().or(last).context("no --blockdev given")?;
     let node = graph.attach(&name, "bench")?;
     let capacity = node.capacity();

@@ -1,0 +1,72 @@
+//! The start-up prelude `run`, `storage-daemon` and `bench` share: the
+//! block graph from `--blockdev`, IOThread objects from `--object`, and
+//! QMP monitors from `--qmp` or `--chardev` + `--monitor`, each refused
+//! with the option's text in the message, as QEMU names the bad argument.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use block::BlockGraph;
+use clap::Args;
+use qapi::object::{IothreadProperties, ObjectOptions, ObjectProperties};
+
+use crate::qmp::{self, QmpAddr};
+
+/// The QMP monitor options of a long-running command.
+#[derive(Args, Debug, Default)]
+pub struct MonitorArgs {
+    /// A QMP monitor: `unix:PATH,server=on,wait=off`; repeatable.
+    #[arg(long = "qmp", value_name = "ADDRESS")]
+    qmp: Vec<String>,
+    /// A character device for `--monitor`: `socket,id=ID,path=PATH,server=on,wait=off`.
+    #[arg(long = "chardev", value_name = "OPTIONS")]
+    chardevs: Vec<String>,
+    /// A QMP monitor on a `--chardev`: `chardev=ID`.
+    #[arg(long = "monitor", value_name = "OPTIONS")]
+    monitors: Vec<String>,
+}
+
+impl MonitorArgs {
+    /// Every monitor's socket address, checked.
+    pub fn addresses(&self) -> Result<Vec<QmpAddr>> {
+        let mut out = Vec::new();
+        for q in &self.qmp {
+            out.push(qmp::parse_qmp_arg(q)?);
+        }
+        out.extend(qmp::monitors_from_chardevs(&self.chardevs, &self.monitors)?);
+        for a in &out {
+            qmp::check_path(&a.path)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A graph of the `--blockdev` nodes, in order; also returns the name of
+/// the last one.
+pub fn open_blockdevs(args: &[String]) -> Result<(BlockGraph, Option<String>)> {
+    let mut graph = BlockGraph::new();
+    let mut last = None;
+    for arg in args {
+        let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
+        let node = graph.add(&opts)?;
+        last = Some(node.node_name().to_string());
+    }
+    Ok((graph, last))
+}
+
+/// The `--object iothread` definitions by id (a duplicate id refused).
+pub fn iothread_objects(args: &[String]) -> Result<HashMap<String, IothreadProperties>> {
+    let mut iothreads = HashMap::new();
+    for arg in args {
+        let o: ObjectOptions =
+            qapi::object::parse_object(arg).with_context(|| format!("--object {arg}"))?;
+        match o.properties {
+            ObjectProperties::Iothread(p) => {
+                if iothreads.insert(o.id.clone(), p).is_some() {
+                    bail!("--object {arg}: duplicate ID '{}' for object", o.id);
+                }
+            }
+        }
+    }
+    Ok(iothreads)
+}
