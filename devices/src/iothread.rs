@@ -13,47 +13,24 @@
 //! subscribers may turn their notifications off ([`IoSubscriber::poll_begin`]);
 //! they stay off as long as polling keeps finding work, and are turned back
 //! on, with one last look for work, only before the thread sleeps
-//! ([`IoSubscriber::poll_end`]). The poll time adapts:
-//! it grows (by `poll-grow`, from 4 µs) while the loop keeps sleeping less
-//! than `poll-max-ns`, and shrinks (by `poll-shrink`, or to 0) after a
-//! sleep longer than that.
+//! ([`IoSubscriber::poll_end`]). The poll time adapts per event source
+//! ([`poll`]): it grows (by `poll-grow`, from 4 µs) while a source keeps
+//! ending waits shorter than `poll-max-ns`, and shrinks (by `poll-shrink`,
+//! or to 0) after a longer one.
 
 use std::any::Any;
-use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use poll::PollTimes;
+pub use poll::{note_event, PollTime, DEFAULT_POLL_MAX_NS};
+
 use event_manager::{
     EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps,
 };
-
-thread_local! {
-    /// When the current wait of this thread's loop ended (see
-    /// [`note_wakeup`]).
-    static WOKEN_AT: Cell<Option<Instant>> = const { Cell::new(None) };
-}
-
-/// Called by a subscriber as its `process` begins: the loop then measures
-/// how long it blocked up to this point, not how long the handlers ran
-/// after it (QEMU takes `block_ns` before dispatching). Without it, a long
-/// batch of work would count as a long wait and turn polling off.
-pub fn note_wakeup() {
-    WOKEN_AT.with(|w| {
-        if w.get().is_none() {
-            w.set(Some(Instant::now()));
-        }
-    });
-}
-
-/// QEMU's default `poll-max-ns` on Linux.
-pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
-/// The first poll time after polling was off (QEMU's 4 µs).
-const POLL_START_NS: u64 = 4000;
-/// QEMU's default grow factor.
-const DEFAULT_POLL_GROW: u64 = 2;
 
 /// A subscriber seen as `Any`, so its owner can reach it by type
 /// ([`IoThread::remove_as`], [`IoThread::with_subscriber`]). Every
@@ -152,54 +129,6 @@ impl PollList {
     }
 }
 
-/// QEMU's adaptive busy-poll time (`adjust_polling_time`).
-#[derive(Clone, Copy, Debug)]
-pub struct PollTime {
-    config: IoThreadConfig,
-    ns: u64,
-}
-
-impl PollTime {
-    /// Polling off until the first wait shows it would pay.
-    pub fn new(config: IoThreadConfig) -> Self {
-        PollTime { config, ns: 0 }
-    }
-
-    /// The current poll time, ns (0: do not poll).
-    pub fn ns(&self) -> u64 {
-        if self.config.poll_max_ns == 0 {
-            0
-        } else {
-            self.ns
-        }
-    }
-
-    /// Adapts to a wait of `block_ns` (from the start of polling to the
-    /// event that ended the wait): a wait polling would have covered keeps
-    /// the time, one within `poll-max-ns` grows it, a longer one shrinks it.
-    pub fn adapt(&mut self, block_ns: u64) {
-        let max = self.config.poll_max_ns;
-        if max == 0 || block_ns <= self.ns {
-            // Polling is off, or would have been enough (or was): keep it.
-        } else if block_ns > max {
-            self.ns = match self.config.poll_shrink {
-                0 => 0,
-                s => self.ns / s,
-            };
-        } else if self.ns < max {
-            let grow = match self.config.poll_grow {
-                0 => DEFAULT_POLL_GROW,
-                g => g,
-            };
-            self.ns = match self.ns {
-                0 => POLL_START_NS,
-                p => p.saturating_mul(grow),
-            }
-            .min(max);
-        }
-    }
-}
-
 /// Counters for tests and `query-iothreads`.
 #[derive(Default)]
 struct Stats {
@@ -240,7 +169,7 @@ impl IoThread {
             polls: polls.clone(),
             ids: Vec::new(),
             polling: false,
-            poll: PollTime::new(config),
+            poll: PollTimes::new(config),
             stats: stats.clone(),
         };
         let t = tid.clone();
@@ -383,7 +312,7 @@ struct Loop {
     ids: Vec<SubscriberId>,
     /// Subscribers were told polling started and not yet that it ended.
     polling: bool,
-    poll: PollTime,
+    poll: PollTimes,
     stats: Arc<Stats>,
 }
 
@@ -393,8 +322,10 @@ impl Loop {
             if self.polls.dirty.swap(false, Ordering::Acquire) {
                 self.ids
                     .clone_from(&self.polls.ids.lock().unwrap_or_else(|e| e.into_inner()));
+                self.poll.reset();
             }
             let start = Instant::now();
+            self.poll.begin_wait();
             let mut found_at = if self.poll.ns() > 0 {
                 self.busy_poll(start)
             } else {
@@ -407,18 +338,14 @@ impl Loop {
             if found_at.is_none() {
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
             }
-            WOKEN_AT.with(|w| w.set(None));
             if let Err(e) = self.em.run_with_timeout(timeout) {
                 // Only a broken epoll fd gets here; back off rather than spin.
                 eprintln!("iothread: epoll failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
             if self.config.poll_max_ns > 0 {
-                let woken = found_at
-                    .or_else(|| WOKEN_AT.with(Cell::take))
-                    .unwrap_or_else(Instant::now);
-                let block = woken.saturating_duration_since(start);
-                self.adapt(block.as_nanos().min(u128::from(u64::MAX)) as u64);
+                self.poll.end_wait(start, found_at);
+                self.stats.poll_ns.store(self.poll.ns(), Ordering::Relaxed);
             }
         }
     }
@@ -466,14 +393,8 @@ impl Loop {
         }
         found
     }
-
-    /// QEMU's `adjust_polling_time`: the time from the start of polling to
-    /// the end of the wait decides whether polling longer would have paid.
-    fn adapt(&mut self, block_ns: u64) {
-        self.poll.adapt(block_ns);
-        self.stats.poll_ns.store(self.poll.ns(), Ordering::Relaxed);
-    }
 }
 
+mod poll;
 #[cfg(test)]
 mod tests;

@@ -249,7 +249,7 @@ impl SlowWorker {
 
 impl MutEventSubscriber for SlowWorker {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        note_wakeup();
+        note_event(0);
         if self.fd.read().is_ok() {
             self.serve();
         }
@@ -264,6 +264,7 @@ impl IoSubscriber for SlowWorker {
     fn poll(&mut self) -> bool {
         let found = self.fd.read().is_ok();
         if found {
+            note_event(0);
             self.serve();
         }
         found
@@ -293,4 +294,29 @@ fn time_spent_handling_an_event_does_not_count_as_waiting() {
     assert!(io.poll_ns() > 0);
     assert!(io.poll_hits() > 0);
     io.stop();
+}
+
+#[test]
+fn a_slow_source_does_not_turn_off_polling_that_a_fast_one_needs() {
+    let cfg = IoThreadConfig::default();
+    let mut times = super::poll::PollTimes::new(cfg);
+    let wait = |times: &mut super::poll::PollTimes, source: u64, blocked: Duration| {
+        times.begin_wait();
+        let start = Instant::now() - blocked;
+        note_event(source);
+        times.end_wait(start, None);
+    };
+    // The queue's kicks come back quickly: polling for them grows.
+    for _ in 0..4 {
+        wait(&mut times, 1, Duration::from_micros(1));
+    }
+    let fast = times.ns();
+    assert!(fast > 0);
+    // The disk's completions take a millisecond: their own poll time stays
+    // off, and the kicks' is untouched.
+    wait(&mut times, 2, Duration::from_millis(1));
+    assert_eq!(times.ns(), fast);
+    // The same long wait on the kicks' own source turns it off.
+    wait(&mut times, 1, Duration::from_millis(1));
+    assert_eq!(times.ns(), 0);
 }

@@ -16,6 +16,7 @@
 //! on and looks at the avail ring once more, so an entry the driver added
 //! while it was not kicking is never left behind (virtio 1.2, 2.7.10).
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BlkHandlerError, BlkQueueHandler, GuestMem};
-use crate::iothread::IoSubscriber;
+use crate::iothread::{note_event, IoSubscriber};
 use crate::virtio::{VirtioInterrupt, VirtioIrq};
 
 const KICK: u32 = 0;
@@ -239,6 +240,16 @@ impl QueueWorker {
         }
     }
 
+    /// The poll-time source of the driver's kicks.
+    fn kick_source(&self) -> u64 {
+        self.kick.as_raw_fd() as u64
+    }
+
+    /// The poll-time source of the node's completions.
+    fn completion_source(&self) -> u64 {
+        self.handler.completion_fd() as u64
+    }
+
     fn avail_pending(&self) -> bool {
         self.queue
             .avail_idx(self.mem.as_ref(), Ordering::Acquire)
@@ -256,17 +267,18 @@ fn raise(id: &str, index: u16, interrupt: &dyn VirtioInterrupt, counters: &Worke
 
 impl MutEventSubscriber for QueueWorker {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        crate::iothread::note_wakeup();
         if !events.event_set().contains(EventSet::IN) {
             return;
         }
         match events.data() {
             KICK => {
+                note_event(self.kick_source());
                 WorkerCounters::bump(&self.counters.kicks);
                 let _ = self.kick.read();
                 self.run_queue();
             }
             COMPLETION => {
+                note_event(self.completion_source());
                 WorkerCounters::bump(&self.counters.completion_wakeups);
                 self.run_completions();
             }
@@ -304,13 +316,18 @@ impl IoSubscriber for QueueWorker {
         }
         let mut found = false;
         if self.avail_pending() {
+            note_event(self.kick_source());
             self.run_queue();
             found = true;
         }
         let before = self.handler.in_flight();
         if before > 0 {
             self.run_completions();
-            found |= self.handler.in_flight() < before;
+            if self.handler.in_flight() < before {
+                // Polling found it: the loop's clock is the poll round's.
+                note_event(self.completion_source());
+                found = true;
+            }
         }
         if found {
             WorkerCounters::bump(&self.counters.poll_hits);
@@ -327,6 +344,7 @@ impl IoSubscriber for QueueWorker {
             return false;
         }
         if self.set_kicks(true) {
+            note_event(self.kick_source());
             WorkerCounters::bump(&self.counters.late_entries);
             self.run_queue();
             return true;
