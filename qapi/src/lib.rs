@@ -26,6 +26,7 @@ mod error;
 pub mod export;
 pub mod keyval;
 pub mod object;
+pub mod qmp;
 mod size;
 pub mod value;
 

@@ -15,6 +15,7 @@ use devices::iothread::IoThread;
 use devices::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkExportConfig};
 use devices::virtio_blk::{BlkOptions, IoErrorHook};
 use qapi::export::{BlockExportOptions, SocketAddress};
+use qapi::qmp::{BlockExportDelArgs, BlockExportRemoveMode};
 use serde_json::{json, Map, Value};
 
 use crate::qmp::{self, Events, Monitor, QmpError, QmpServer};
@@ -251,21 +252,8 @@ impl Monitor for Daemon {
                 Ok(json!({}))
             }
             "block-export-del" => {
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Args {
-                    id: String,
-                    #[serde(default)]
-                    mode: Option<DelMode>,
-                }
-                #[derive(serde::Deserialize)]
-                #[serde(rename_all = "lowercase")]
-                enum DelMode {
-                    Safe,
-                    Hard,
-                }
-                let a: Args = qmp::args(a)?;
-                self.del_export(&a.id, matches!(a.mode, Some(DelMode::Hard)))?;
+                let a: BlockExportDelArgs = qmp::args(a)?;
+                self.del_export(&a.id, a.mode == BlockExportRemoveMode::Hard)?;
                 Ok(json!({}))
             }
             "query-block-exports" => {

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use block::{BlockError, BlockGraph, BlockNode};
+use qapi::qmp::{BlockResizeArgs, BlockdevDelArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs};
 use qapi::{BlockdevDetectZeroesOptions, BlockdevDiscardOptions};
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{args, QmpError};
@@ -140,13 +140,7 @@ pub fn query_named_block_nodes(
     graph: &BlockGraph,
     a: &Map<String, Value>,
 ) -> Result<Value, QmpError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Args {
-        #[serde(default)]
-        flat: bool,
-    }
-    let a: Args = args(a)?;
+    let a: QueryNamedBlockNodesArgs = args(a)?;
     let nodes = graph
         .nodes()
         .map(|(_, n)| {
@@ -176,13 +170,7 @@ pub fn query_named_block_nodes(
 /// `query-blockstats [query-nodes]`. Without `query-nodes`, one entry per
 /// attached user (device or export), `qdev` naming it.
 pub fn query_blockstats(graph: &BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-    struct Args {
-        #[serde(default)]
-        query_nodes: bool,
-    }
-    let a: Args = args(a)?;
+    let a: QueryBlockstatsArgs = args(a)?;
     let mut out = Vec::new();
     for (name, n) in graph.nodes() {
         if a.query_nodes {
@@ -208,12 +196,7 @@ pub fn blockdev_add(graph: &mut BlockGraph, a: &Map<String, Value>) -> Result<Va
 
 /// `blockdev-del node-name=NAME`: refuses a node in use, naming its users.
 pub fn blockdev_del(graph: &mut BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-    struct Args {
-        node_name: String,
-    }
-    let a: Args = args(a)?;
+    let a: BlockdevDelArgs = args(a)?;
     if graph.lookup(&a.node_name).is_err() {
         return Err(QmpError::generic(format!(
             "Failed to find node with node-name='{}'",
@@ -236,16 +219,7 @@ pub fn block_resize(
     graph: &BlockGraph,
     a: &Map<String, Value>,
 ) -> Result<Arc<dyn BlockNode>, QmpError> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-    struct Args {
-        #[serde(default)]
-        device: Option<String>,
-        #[serde(default)]
-        node_name: Option<String>,
-        size: i64,
-    }
-    let a: Args = args(a)?;
+    let a: BlockResizeArgs = args(a)?;
     let name = match (&a.device, &a.node_name) {
         (Some(d), None) => d,
         (None, Some(n)) => n,

@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use qapi::qmp::{ChardevSocketOptions, MonitorOptions, QmpCapabilitiesArgs};
 use serde_json::{json, Map, Value};
 
 use stream::{Piece, Splitter};
@@ -207,25 +208,12 @@ fn split_escaped(s: &str) -> (String, Vec<String>) {
     (first, parts)
 }
 
-/// A `--chardev socket,...` definition, for `--monitor chardev=ID`.
-#[derive(serde::Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct ChardevSocket {
-    backend: String,
-    id: String,
-    path: String,
-    #[serde(default)]
-    server: Option<bool>,
-    #[serde(default)]
-    wait: Option<bool>,
-}
-
 /// Resolves qemu-storage-daemon's `--chardev` and `--monitor` options into
 /// the sockets to serve.
 pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Result<Vec<QmpAddr>> {
     let mut defs = Vec::new();
     for c in chardevs {
-        let d: ChardevSocket =
+        let d: ChardevSocketOptions =
             qapi::parse_option_as(c, Some("backend")).with_context(|| format!("--chardev {c}"))?;
         if d.backend != "socket" {
             bail!(
@@ -239,25 +227,14 @@ pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Resul
         if d.wait == Some(true) {
             bail!("--chardev {c}: wait=on is not supported; use wait=off");
         }
-        if defs.iter().any(|x: &ChardevSocket| x.id == d.id) {
+        if defs.iter().any(|x: &ChardevSocketOptions| x.id == d.id) {
             bail!("--chardev {c}: duplicate chardev id '{}'", d.id);
         }
         defs.push(d);
     }
     let mut out = Vec::new();
     for m in monitors {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct MonitorOpts {
-            chardev: String,
-            #[serde(default)]
-            mode: Option<String>,
-            #[serde(default)]
-            id: Option<String>,
-            #[serde(default)]
-            pretty: Option<bool>,
-        }
-        let o: MonitorOpts =
+        let o: MonitorOptions =
             qapi::parse_option_as(m, Some("chardev")).with_context(|| format!("--monitor {m}"))?;
         let _ = (&o.id, o.pretty);
         if o.mode.as_deref().is_some_and(|x| x != "control") {
@@ -527,13 +504,7 @@ impl Session {
                     desc: "Capabilities negotiation is already complete, command ignored".into(),
                 });
             }
-            #[derive(serde::Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Caps {
-                #[serde(default)]
-                enable: Vec<String>,
-            }
-            let caps: Caps = args(a)?;
+            let caps: QmpCapabilitiesArgs = args(a)?;
             if let Some(c) = caps.enable.first() {
                 return Err(QmpError::generic(format!("Capability '{c}' not available")));
             }
