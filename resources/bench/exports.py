@@ -9,8 +9,9 @@ reads.
 Two settings, a table each:
   fair     both daemons serve the export from an IOThread with the same
            poll-max-ns (--poll-max-ns; QEMU's default, 32768, unless given).
-  default  each daemon without options: blkvm's export workers poll up to
-           128 us on their own; qemu-storage-daemon serves the export from
+  default  each daemon without options: blkvm gives each export queue an
+           IOThread of its own (QEMU's poll-max-ns, 32768, adaptive per
+           event source); qemu-storage-daemon serves the export from
            its main loop, which does not poll.
 
 Beside IOPS, each run records, over the whole `blkvm bench` invocation
