@@ -83,6 +83,14 @@ pub trait NodeQueue: Send {
     /// mapped regions, their fds).
     fn sync_memory(&mut self) {}
 
+    /// Whether [`NodeQueue::poll_completions`] would find anything, found
+    /// without a system call. A busy poller asks first, so that polling an
+    /// idle queue costs no eventfd read; `true` when the engine cannot tell
+    /// cheaply.
+    fn completions_ready(&mut self) -> bool {
+        true
+    }
+
     /// A file descriptor that becomes readable when completions are ready.
     fn completion_fd(&self) -> RawFd;
 

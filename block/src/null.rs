@@ -173,6 +173,14 @@ impl NodeQueue for NullQueue {
         }
     }
 
+    fn completions_ready(&mut self) -> bool {
+        !self.ready.is_empty()
+            || self
+                .delayed
+                .front()
+                .is_some_and(|(due, _)| *due <= Instant::now())
+    }
+
     fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
         let start = out.len();
         if let Some(timer) = &mut self.timer {
@@ -244,8 +252,11 @@ mod tests {
         let mut out = Vec::new();
 
         // Reaped at once: the eventfd was never made readable.
+        assert!(!q.completions_ready());
         q.submit(Request::flush()).unwrap();
+        assert!(q.completions_ready());
         assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(!q.completions_ready());
         assert!(!readable(fd));
         q.kick();
         assert!(!readable(fd), "nothing left to announce");

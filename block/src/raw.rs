@@ -136,6 +136,10 @@ impl NodeQueue for RawQueue {
         self.child.sync_memory();
     }
 
+    fn completions_ready(&mut self) -> bool {
+        self.child.completions_ready()
+    }
+
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
         let cap = window(self.offset, self.size, self.child_node.capacity());
         let mut req = match self.common.precheck(req, cap)? {

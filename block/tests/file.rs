@@ -322,3 +322,31 @@ fn failed_add_leaves_no_inline_children() {
     )
     .unwrap();
 }
+
+#[test]
+fn io_uring_queue_reports_whether_finished_requests_wait() {
+    let img = Image::new(1 << 20);
+    let mut g = BlockGraph::new();
+    let node = add(
+        &mut g,
+        &format!("file,filename={},aio=io_uring,node-name=u0", img.path()),
+    )
+    .unwrap();
+    let mut q = node.open_queue().unwrap();
+    // Nothing in flight: a busy poller is told there is nothing to reap.
+    assert!(!q.completions_ready());
+    q.submit(block::Request::flush()).unwrap();
+    q.kick();
+    let start = std::time::Instant::now();
+    while !q.completions_ready() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "never ready"
+        );
+        std::hint::spin_loop();
+    }
+    let mut out = Vec::new();
+    assert_eq!(q.poll_completions(&mut out), 1);
+    assert!(out[0].result.is_ok());
+    assert!(!q.completions_ready());
+}

@@ -299,6 +299,10 @@ impl NodeQueue for UringQueue {
         self.eventfd.as_raw_fd()
     }
 
+    fn completions_ready(&mut self) -> bool {
+        self.in_slow > 0 || !self.local.is_empty() || !self.ring.completion().is_empty()
+    }
+
     fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
         clear_eventfd(&self.eventfd);
         self.reap(out)

@@ -275,6 +275,12 @@ impl BlkQueueHandler {
         self.done = done;
     }
 
+    /// Whether the node has finished requests waiting (no system call
+    /// where the engine can tell; see `NodeQueue::completions_ready`).
+    pub fn completions_ready(&mut self) -> bool {
+        self.in_flight() > 0 && self.queue.completions_ready()
+    }
+
     /// Lets the node queue drop memory the registrar no longer has (see
     /// `NodeQueue::sync_memory`).
     pub fn sync_memory(&mut self) {

@@ -321,7 +321,7 @@ impl IoSubscriber for QueueWorker {
             found = true;
         }
         let before = self.handler.in_flight();
-        if before > 0 {
+        if self.handler.completions_ready() {
             self.run_completions();
             if self.handler.in_flight() < before {
                 // Polling found it: the loop's clock is the poll round's.
