@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod handler;
 pub mod request;
+mod ring;
 pub mod worker;
 
 /// Guest memory as both front ends map it.

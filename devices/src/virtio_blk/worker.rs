@@ -25,6 +25,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::ring::AvailIdx;
 use super::{BlkHandlerError, BlkQueueHandler, GuestMem};
 use crate::iothread::{note_event, IoSubscriber};
 use crate::virtio::{VirtioInterrupt, VirtioIrq};
@@ -93,6 +94,8 @@ pub struct QueueWorker {
     /// The driver's kicks are off because the thread is polling.
     polling: bool,
     counters: Arc<WorkerCounters>,
+    /// The avail index the poller reads every round.
+    avail_idx: AvailIdx,
 }
 
 impl QueueWorker {
@@ -102,6 +105,7 @@ impl QueueWorker {
         let wt = cfg.writethrough.load(Ordering::SeqCst);
         handler.set_writethrough(wt);
         QueueWorker {
+            avail_idx: AvailIdx::resolve(&cfg.queue, cfg.mem.clone()),
             id: cfg.id,
             index: cfg.index,
             queue: cfg.queue,
@@ -169,6 +173,7 @@ impl QueueWorker {
     /// Guest memory of a new memory-table generation; requests in flight
     /// keep the old one mapped until they complete.
     pub fn set_memory(&mut self, mem: Arc<GuestMem>) {
+        self.avail_idx = AvailIdx::resolve(&self.queue, mem.clone());
         self.mem = mem;
     }
 
@@ -251,9 +256,14 @@ impl QueueWorker {
     }
 
     fn avail_pending(&self) -> bool {
-        self.queue
-            .avail_idx(self.mem.as_ref(), Ordering::Acquire)
-            .is_ok_and(|a| a.0 != self.queue.next_avail())
+        let idx = match self.avail_idx.load() {
+            Some(i) => i,
+            None => match self.queue.avail_idx(self.mem.as_ref(), Ordering::Acquire) {
+                Ok(i) => i.0,
+                Err(_) => return false,
+            },
+        };
+        idx != self.queue.next_avail()
     }
 }
 

@@ -240,3 +240,25 @@ fn a_driver_obeying_either_rule_loses_no_request_at_qemus_poll_window() {
 fn a_driver_obeying_no_notify_loses_no_request_without_polling() {
     obeying_driver_loses_nothing(false, 0);
 }
+
+#[test]
+fn the_resolved_avail_index_follows_the_driver_and_unmapped_rings_fall_back() {
+    let rig = BlkRig::new();
+    let mem = rig.mem.clone();
+    let r = ring(&mem, 0);
+    let mut queue = Queue::new(QSIZE).unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(r.avail()))
+        .unwrap();
+    let idx = crate::virtio_blk::ring::AvailIdx::resolve(&queue, mem.clone());
+    assert_eq!(idx.load(), Some(0));
+    push_read(&mem, &r, 0, 1, 512);
+    push_read(&mem, &r, 1, 2, 512);
+    assert_eq!(idx.load(), Some(2));
+    // A ring outside guest memory is left to vm-memory's checked reads.
+    queue
+        .try_set_avail_ring_address(GuestAddress(0x1000_0000))
+        .unwrap();
+    let outside = crate::virtio_blk::ring::AvailIdx::resolve(&queue, mem);
+    assert_eq!(outside.load(), None);
+}
