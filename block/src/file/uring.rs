@@ -56,10 +56,16 @@ pub(super) struct UringQueue {
     in_flight: usize,
 }
 
+/// A ring whose completions do not interrupt the thread (COOP_TASKRUN)
+/// but say when they wait for it to enter the kernel (TASKRUN_FLAG), so a
+/// poller that reads the CQ without system calls can tell (kernel 5.19;
+/// older kernels get fewer flags).
 fn build_ring() -> std::io::Result<IoUring> {
     IoUring::builder()
         .setup_coop_taskrun()
+        .setup_taskrun_flag()
         .build(RING_ENTRIES)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES))
         .or_else(|_| IoUring::new(RING_ENTRIES))
 }
 
@@ -300,11 +306,22 @@ impl NodeQueue for UringQueue {
     }
 
     fn completions_ready(&mut self) -> bool {
-        self.in_slow > 0 || !self.local.is_empty() || !self.ring.completion().is_empty()
+        self.in_slow > 0
+            || !self.local.is_empty()
+            || self.ring.submission().taskrun()
+            || !self.ring.completion().is_empty()
     }
 
     fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
         clear_eventfd(&self.eventfd);
+        // With COOP_TASKRUN a finished request may wait for this thread to
+        // enter the kernel before its CQE is posted; a busy poller that
+        // never makes a system call would otherwise see it only when it
+        // stops polling. submit() enters with GETEVENTS when the kernel
+        // says so, and sends what was queued with it.
+        if self.ring.submission().taskrun() && self.ring.submit().is_ok() {
+            self.unsubmitted = 0;
+        }
         self.reap(out)
     }
 
