@@ -152,9 +152,12 @@ impl BlkQueueHandler {
         notify: &mut dyn FnMut(),
     ) -> Result<bool, BlkHandlerError> {
         check_avail(queue, mem)?;
+        // One ring's worth per call: a driver that refills as fast as the
+        // chunks complete must not keep the thread from its other queues.
+        let budget = usize::from(queue.size());
         let mut used = false;
         let mut started = 0;
-        loop {
+        'ring: loop {
             if rearm {
                 queue
                     .disable_notification(mem.as_ref())
@@ -176,6 +179,15 @@ impl BlkQueueHandler {
                         notify();
                     }
                     used = false;
+                }
+                if started >= budget {
+                    if rearm {
+                        // The caller comes back for the rest.
+                        queue
+                            .enable_notification(mem.as_ref())
+                            .map_err(BlkHandlerError::Queue)?;
+                    }
+                    break 'ring;
                 }
             }
             if !rearm

@@ -405,3 +405,67 @@ fn a_large_batch_is_announced_every_submit_chunk_when_the_node_finishes_inline()
     );
     assert_eq!(handler.in_flight(), 0);
 }
+
+#[test]
+fn a_driver_refilling_as_fast_as_chunks_complete_gets_one_ring_per_call() {
+    const SIZE: u16 = 64;
+    const DESC: u64 = 0x1_0000;
+    const AVAIL: u64 = 0x1_0400;
+    const USED: u64 = 0x1_1000;
+    let mut graph = BlockGraph::new();
+    let node = graph
+        .add(&qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap())
+        .unwrap();
+    let mut handler = BlkQueueHandler::new(
+        node.clone(),
+        node.open_queue().unwrap(),
+        &BlkOptions::default(),
+    );
+    let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+    // A flush chain (header, status) in descriptors 2i, 2i+1 (mod the
+    // table), made available at the ring's index modulo its size.
+    let push = |i: u64| {
+        let d = 2 * (i % u64::from(SIZE / 2));
+        header(&mem, HDR + 16 * d, VIRTIO_BLK_T_FLUSH, 0);
+        let put = |n: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let raw = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+            mem.write_obj(raw, GuestAddress(DESC + 16 * n)).unwrap();
+        };
+        put(d, HDR + 16 * d, 16, 1, (d + 1) as u16);
+        put(d + 1, STATUS + d, 1, VRING_DESC_F_WRITE as u16, 0);
+        let idx = mem.read_obj::<u16>(GuestAddress(AVAIL + 2)).unwrap();
+        let slot = AVAIL + 4 + 2 * u64::from(idx % SIZE);
+        mem.write_obj(d as u16, GuestAddress(slot)).unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
+    };
+    let mut q = Queue::new(SIZE).unwrap();
+    q.set_size(SIZE);
+    q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    q.set_ready(true);
+    let mut pushed = 0;
+    while pushed < 16 {
+        push(pushed);
+        pushed += 1;
+    }
+    // Each announcement makes the driver put a chunk's worth back.
+    handler
+        .process_queue(&mut q, &mem, true, &mut || {
+            assert!(pushed < 1000, "the handler never went back to its loop");
+            for _ in 0..super::handler::SUBMIT_CHUNK {
+                push(pushed);
+                pushed += 1;
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        q.next_avail(),
+        SIZE,
+        "one ring's worth, then back to the loop"
+    );
+    let avail = mem.read_obj::<u16>(GuestAddress(AVAIL + 2)).unwrap();
+    assert!(avail > SIZE, "the driver had more ready");
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), SIZE);
+}

@@ -215,6 +215,11 @@ impl QueueWorker {
                 raise(id, index, interrupt, counters)
             });
         self.notify(r);
+        // The handler serves one ring's worth per call; come back for the
+        // rest after the thread's other work, as a kick would.
+        if !self.broken && !self.polling && self.avail_pending() {
+            let _ = self.kick.write(1);
+        }
     }
 
     fn run_completions(&mut self) {
