@@ -6,13 +6,20 @@ through its `virtio-blk-vhost-user` (libblkio) node, with registered
 buffers. Workloads: 4k iodepth 1, 4k iodepth 32, 512 iodepth 1 random
 reads.
 
-Two settings, a table each:
+Three settings, a table each:
   fair     both daemons serve the export from an IOThread with the same
-           poll-max-ns (--poll-max-ns; QEMU's default, 32768, unless given).
+           poll-max-ns (--poll-max-ns; QEMU's default, 32768, unless
+           given), and the client polls its completion queue for up to
+           the same time before it sleeps, as QEMU's own libblkio client
+           does in such an IOThread (block/blkio.c registers a poll
+           handler that peeks at the completion queue): the same poll
+           settings on every side.
+  sleep    as fair, but the client sleeps on its completion fd at once:
+           how a client that does not poll sees the two daemons.
   default  each daemon without options: blkvm gives each export queue an
            IOThread of its own (QEMU's poll-max-ns, 32768, adaptive per
            event source); qemu-storage-daemon serves the export from
-           its main loop, which does not poll.
+           its main loop, which does not poll; the client does not poll.
 
 Beside IOPS, each run records, over the whole `blkvm bench` invocation
 (connect, the measured run, disconnect; there is no ramp, and the
@@ -52,6 +59,13 @@ DAEMONS = {"blkvm": common.blkvm_daemon, "qsd": common.qsd_daemon}
 NAMES = {"blkvm": "blkvm storage-daemon", "qsd": "qemu-storage-daemon"}
 # QEMU's default poll-max-ns for an IOThread (blkvm's DEFAULT_POLL_MAX_NS).
 DEFAULT_POLL_MAX_NS = 32768
+# The settings, each a table (see the docstring).
+SETTINGS = {
+    "fair": "both exports on an IOThread with poll-max-ns={p}; the client polls its "
+            "completions for up to {p} ns before it sleeps",
+    "sleep": "both exports on an IOThread with poll-max-ns={p}; the client sleeps at once",
+    "default": "no IOThread, each daemon's defaults; the client sleeps at once",
+}
 # Other load, in CPUs, past which the tables say it was there (tick
 # granularity and the script's own bookkeeping stay below it).
 OTHER_LOAD_NOTE = 0.1
@@ -80,13 +94,14 @@ def children_cpu_s():
     return r.ru_utime + r.ru_stime
 
 
-def measured_run(daemon, client, bs, depth, runtime):
+def measured_run(daemon, client, bs, depth, runtime, client_poll_ns):
     """One bench run on `daemon`, with the daemon's CPU and the machine's
     idle share over the whole bench invocation. `other_cpus` is how many
     CPUs everything but the daemon and the bench process kept busy: other
     load on the machine, which the idle share includes."""
     start = (daemon.cpu_s(), children_cpu_s(), common.machine_cpu(), time.monotonic())
-    rep = common.bench(client, "randread", bs, depth, runtime)
+    extra = ("--poll-max-ns", str(client_poll_ns)) if client_poll_ns else ()
+    rep = common.bench(client, "randread", bs, depth, runtime, extra=extra)
     end = (daemon.cpu_s(), children_cpu_s(), common.machine_cpu(), time.monotonic())
     daemon_s, client_s = end[0] - start[0], end[1] - start[1]
     idle, total = (e - s for s, e in zip(start[2], end[2]))
@@ -108,9 +123,10 @@ def run_row(settings, nodes, client, bs, depth, a):
     for i in range(a.rounds):
         for s, who in (pairs if i % 2 == 0 else pairs[::-1]):
             d = DAEMONS[who](nodes[who], os.path.join(common.OUT, "export.sock"),
-                             iothread=settings[s])
+                             iothread=settings[s]["iothread"])
             try:
-                runs[s][who].append(measured_run(d, client, bs, depth, a.runtime))
+                runs[s][who].append(measured_run(d, client, bs, depth, a.runtime,
+                                                 settings[s]["client_poll_ns"]))
             finally:
                 d.stop()
     return runs
@@ -131,22 +147,25 @@ def plot(path, results):
     rows = next(iter(results.values()))["rows"]
     xs = range(len(rows))
     fig, (ratio_ax, iops_ax) = plt.subplots(2, 1, figsize=(max(6, 1.5 * len(rows)), 8))
-    colors = plt.get_cmap("tab20").colors  # dark and light of each hue
+    colors = plt.get_cmap("tab10").colors
     width = 0.8 / len(results)
     for i, (setting, res) in enumerate(results.items()):
         bars = ratio_ax.bar([x + (i + 0.5) * width - 0.4 for x in xs],
-                            [r["ratio"] for r in res["rows"]], width, color=colors[4 + i],
+                            [r["ratio"] for r in res["rows"]], width, color=colors[2 + i],
                             label=f"{setting}: {res['description']}")
         ratio_ax.bar_label(bars, fmt="%.2fx", fontsize=7)
     ratio_ax.axhline(1, color="black", linewidth=0.8)
     ratio_ax.margins(y=0.1)
     ratio_ax.set_ylabel("blkvm / qemu-storage-daemon IOPS")
+    # A hue per daemon, darkest for the first setting.
+    shades = {"blkvm": plt.get_cmap("Blues"), "qsd": plt.get_cmap("Oranges")}
     pairs = [(setting, who) for who in DAEMONS for setting in results]
     width = 0.8 / len(pairs)
     for i, (setting, who) in enumerate(pairs):
         iops_ax.bar([x + (i + 0.5) * width - 0.4 for x in xs],
                     [r[who]["iops"] for r in results[setting]["rows"]], width,
-                    color=colors[2 * list(DAEMONS).index(who) + list(results).index(setting)],
+                    color=shades[who](0.9 - 0.5 * list(results).index(setting)
+                                      / max(1, len(results) - 1)),
                     label=f"{NAMES[who]}, {setting}")
     iops_ax.set_yscale("log")
     iops_ax.set_ylim(bottom=10 ** math.floor(math.log10(
@@ -193,11 +212,11 @@ def main():
                     help="size of the scratch file of the file backing (default: 1024)")
     ap.add_argument("--img", help="file or block device to use instead of a scratch file")
     ap.add_argument("--json", action="store_true", help="print every run's figures as JSON")
-    ap.add_argument("--setting", choices=["fair", "default", "both"], default="both",
-                    help="fair: both exports on an IOThread with --poll-max-ns; default: "
-                         "each daemon without options (default: both, a table each)")
+    ap.add_argument("--setting", choices=list(SETTINGS), action="append",
+                    help="only these settings (repeatable; default: all three, a table each)")
     ap.add_argument("--poll-max-ns", type=int, default=DEFAULT_POLL_MAX_NS,
-                    help="the fair setting's IOThread poll-max-ns (default: %(default)s)")
+                    help="poll-max-ns of the IOThreads, and the polling client's window, in "
+                         "the fair and sleep settings (default: %(default)s)")
     ap.add_argument("--backing", choices=BACKINGS, action="append",
                     help="only these backings (repeatable)")
     ap.add_argument("--plot", metavar="FILE.svg",
@@ -209,15 +228,16 @@ def main():
             import matplotlib  # noqa: F401 -- fail before the runs, not after
         except ImportError:
             sys.exit(PLOT_HELP)
-    settings = {"fair": a.poll_max_ns, "default": None}
-    if a.setting != "both":
-        settings = {a.setting: settings[a.setting]}
+    p = a.poll_max_ns
+    settings = {s: {"iothread": p if s != "default" else None,
+                    "client_poll_ns": p if s == "fair" else 0,
+                    "description": SETTINGS[s].format(p=p)}
+                for s in SETTINGS if not a.setting or s in a.setting}
     common.build()
     client = f"virtio-blk-vhost-user,path={os.path.join(common.OUT, 'export.sock')},node-name=v0"
-    results = {s: {"poll_max_ns": p, "rows": [], "description":
-                   "no IOThread, each daemon's defaults" if p is None
-                   else f"both exports on an IOThread with poll-max-ns={p}"}
-               for s, p in settings.items()}
+    results = {s: {"poll_max_ns": v["iothread"], "client_poll_ns": v["client_poll_ns"],
+                   "rows": [], "description": v["description"]}
+               for s, v in settings.items()}
     for backing in [b for b in BACKINGS if not a.backing or b in a.backing]:
         ours, theirs = backing_nodes(backing, a)
         for name, bs, depth in WORKLOADS:
