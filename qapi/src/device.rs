@@ -21,6 +21,10 @@ pub enum DeviceDriver {
     /// virtio-blk behind a virtio-mmio transport, one interrupt line (QEMU
     /// microvm's name for it).
     VirtioBlkDevice,
+    /// vhost-user-blk (queues served by another process) on virtio-pci.
+    VhostUserBlkPci,
+    /// vhost-user-blk on virtio-mmio.
+    VhostUserBlk,
 }
 
 impl DeviceDriver {
@@ -29,7 +33,19 @@ impl DeviceDriver {
         match self {
             Self::VirtioBlkPci => "virtio-blk-pci",
             Self::VirtioBlkDevice => "virtio-blk-device",
+            Self::VhostUserBlkPci => "vhost-user-blk-pci",
+            Self::VhostUserBlk => "vhost-user-blk",
         }
+    }
+
+    /// Whether another process serves the device's queues.
+    pub fn is_vhost_user(self) -> bool {
+        matches!(self, Self::VhostUserBlkPci | Self::VhostUserBlk)
+    }
+
+    /// Whether the device sits on virtio-pci.
+    pub fn is_pci(self) -> bool {
+        matches!(self, Self::VirtioBlkPci | Self::VhostUserBlkPci)
     }
 }
 
@@ -41,8 +57,12 @@ pub struct DeviceOptions {
     pub driver: DeviceDriver,
     /// The device's id (defaults to one derived from its position).
     pub id: Option<String>,
-    /// The block node the device serves (a `node-name`).
-    pub drive: String,
+    /// The block node the device serves (a `node-name`; virtio-blk).
+    #[serde(default)]
+    pub drive: Option<String>,
+    /// The `--chardev` of the backend's socket (vhost-user-blk).
+    #[serde(default)]
+    pub chardev: Option<String>,
     /// The IOThread that runs the device's queues (an `--object iothread` id).
     pub iothread: Option<String>,
     /// QEMU's `iothread-vq-mapping`: the queues spread over several
@@ -78,10 +98,52 @@ pub struct IothreadVqMapping {
     pub vqs: Option<Vec<u16>>,
 }
 
+impl DeviceOptions {
+    /// The node of a virtio-blk device (checked by [`parse_device`]).
+    pub fn drive(&self) -> &str {
+        self.drive.as_deref().unwrap_or_default()
+    }
+
+    /// The properties set that this device model does not have, by QEMU's
+    /// names.
+    fn foreign_properties(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.driver.is_vhost_user() {
+            let set = [
+                ("drive", self.drive.is_some()),
+                ("iothread", self.iothread.is_some()),
+                ("iothread-vq-mapping", self.iothread_vq_mapping.is_some()),
+                ("serial", self.serial.is_some()),
+                ("logical_block_size", self.logical_block_size.is_some()),
+                ("physical_block_size", self.physical_block_size.is_some()),
+                ("discard", self.discard.is_some()),
+                ("write-zeroes", self.write_zeroes.is_some()),
+            ];
+            out.extend(set.iter().filter(|(_, on)| *on).map(|(n, _)| *n));
+        } else if self.chardev.is_some() {
+            out.push("chardev");
+        }
+        out
+    }
+}
+
 /// Parses a `--device` argument: JSON if it starts with `{`, else keyval
-/// with `driver` implied.
+/// with `driver` implied. A property the model does not have is refused,
+/// and so is a missing `drive` (virtio-blk) or `chardev` (vhost-user-blk).
 pub fn parse_device(arg: &str) -> Result<DeviceOptions, crate::QapiError> {
-    crate::parse_option_as(arg, Some("driver"))
+    let d: DeviceOptions = crate::parse_option_as(arg, Some("driver"))?;
+    if let Some(p) = d.foreign_properties().first() {
+        return Err(crate::QapiError::InvalidParameter { key: p.to_string() });
+    }
+    let needed = if d.driver.is_vhost_user() {
+        d.chardev.is_none().then_some("chardev")
+    } else {
+        d.drive.is_none().then_some("drive")
+    };
+    if let Some(key) = needed {
+        return Err(crate::QapiError::Missing { key: key.into() });
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -98,7 +160,7 @@ mod tests {
         .unwrap();
         assert_eq!(d.driver, DeviceDriver::VirtioBlkPci);
         assert_eq!(d.id.as_deref(), Some("disk0"));
-        assert_eq!(d.drive, "d0");
+        assert_eq!(d.drive(), "d0");
         assert_eq!(d.iothread.as_deref(), Some("io0"));
         assert_eq!(d.num_queues, Some(2));
         assert_eq!(d.queue_size, Some(128));
@@ -108,6 +170,27 @@ mod tests {
         assert_eq!(d.discard, Some(false));
         assert_eq!(d.write_zeroes, Some(true));
         assert_eq!(d.config_wce, Some(false));
+    }
+
+    #[test]
+    fn vhost_user_blk_takes_a_chardev_and_not_the_node_properties() {
+        let d = parse_device("vhost-user-blk-pci,chardev=vu0,num-queues=2,config-wce=off").unwrap();
+        assert_eq!(d.driver, DeviceDriver::VhostUserBlkPci);
+        assert!(d.driver.is_vhost_user() && d.driver.is_pci());
+        assert_eq!(d.chardev.as_deref(), Some("vu0"));
+        assert_eq!(d.num_queues, Some(2));
+        let d = parse_device("vhost-user-blk,chardev=vu1,queue-size=128").unwrap();
+        assert!(d.driver.is_vhost_user() && !d.driver.is_pci());
+        let e = parse_device("vhost-user-blk-pci,chardev=vu0,serial=x").unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter 'serial'");
+        let e = parse_device("vhost-user-blk-pci,chardev=vu0,drive=d0").unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter 'drive'");
+        let e = parse_device("vhost-user-blk").unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'chardev' is missing");
+        let e = parse_device("virtio-blk-pci,drive=d0,chardev=vu0").unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter 'chardev'");
+        let e = parse_device("virtio-blk-pci,num-queues=2").unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'drive' is missing");
     }
 
     #[test]

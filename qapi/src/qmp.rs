@@ -92,6 +92,10 @@ pub struct ChardevSocketOptions {
     /// Wait for a client before going on (only `wait=off` is served).
     #[serde(default)]
     pub wait: Option<bool>,
+    /// A client socket connects again this many ms after losing its peer
+    /// (`reconnect-ms`; vhost-user-blk devices).
+    #[serde(default, rename = "reconnect-ms")]
+    pub reconnect_ms: Option<u64>,
 }
 
 /// A `--monitor` definition.

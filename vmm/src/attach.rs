@@ -15,11 +15,14 @@ use block::{BlockGraph, BlockNode};
 use devices::bus::{Bus, BusDevice};
 use devices::iothread::{IoThread, IoThreadConfig};
 use devices::pci::PciSegment;
+use devices::vhost_user_blk::device::{VhostUserBlk, VhostUserBlkDeviceOptions};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use devices::virtio::pci::{VirtioPciDevice, BAR_SIZE as PCI_BAR_SIZE};
+use devices::virtio::VirtioDevice;
 use devices::virtio_blk::{BlkOptions, GuestMem, VirtioBlk, VirtioBlkConfig};
-use qapi::device::{DeviceDriver, DeviceOptions};
+use qapi::device::DeviceOptions;
 use qapi::object::IothreadProperties;
+use qapi::qmp::ChardevSocketOptions;
 
 use crate::vm::device_manager::DeviceManager;
 
@@ -28,7 +31,16 @@ use crate::vm::device_manager::DeviceManager;
 pub fn device_label(d: &DeviceOptions, index: usize) -> String {
     match &d.id {
         Some(id) => format!("device '{id}'"),
-        None => format!("device {index} ({}, drive '{}')", d.driver.name(), d.drive),
+        None if d.driver.is_vhost_user() => format!(
+            "device {index} ({}, chardev '{}')",
+            d.driver.name(),
+            d.chardev.as_deref().unwrap_or_default()
+        ),
+        None => format!(
+            "device {index} ({}, drive '{}')",
+            d.driver.name(),
+            d.drive()
+        ),
     }
 }
 
@@ -61,13 +73,51 @@ pub struct PreparedDevice {
     pub label: String,
     /// Its options.
     pub options: DeviceOptions,
-    /// Its node, attached in the graph on its behalf.
-    pub node: Arc<dyn BlockNode>,
-    /// Its virtio-blk configuration.
-    pub config: BlkOptions,
-    /// The IOThread of each queue (queue `i` runs on entry `i % len`);
-    /// empty: a dedicated thread for the device.
-    pub queue_threads: Vec<String>,
+    /// What serves its queues.
+    pub backend: PreparedBackend,
+}
+
+/// What serves a prepared device's queues.
+pub enum PreparedBackend {
+    /// A node of our graph, on our IOThreads (virtio-blk).
+    Node {
+        /// Its node, attached in the graph on its behalf.
+        node: Arc<dyn BlockNode>,
+        /// Its virtio-blk configuration.
+        config: BlkOptions,
+        /// The IOThread of each queue (queue `i` runs on entry `i % len`);
+        /// empty: a dedicated thread for the device.
+        queue_threads: Vec<String>,
+    },
+    /// Another process, over vhost-user (vhost-user-blk).
+    VhostUser(VhostUserBlkDeviceOptions),
+}
+
+/// A vhost-user-blk device's options, its chardev resolved; QEMU's
+/// defaults (num-queues: the backend's, queue-size 128, config-wce on).
+fn vhost_user_options(
+    d: &DeviceOptions,
+    index: usize,
+    chardevs: &[ChardevSocketOptions],
+) -> Result<VhostUserBlkDeviceOptions> {
+    let id = d.chardev.as_deref().unwrap_or_default();
+    let c = chardevs
+        .iter()
+        .find(|c| c.id == id)
+        .with_context(|| format!("Property 'chardev' can't find value '{id}'"))?;
+    if c.server == Some(true) {
+        bail!(
+            "chardev '{id}': a vhost-user backend's chardev must be a client socket (no server=on)"
+        );
+    }
+    Ok(VhostUserBlkDeviceOptions {
+        id: d.id.clone().unwrap_or_else(|| format!("vublk{index}")),
+        path: c.path.clone().into(),
+        reconnect: c.reconnect_ms.map(std::time::Duration::from_millis),
+        num_queues: d.num_queues,
+        queue_size: d.queue_size.unwrap_or(128),
+        config_wce: d.config_wce.unwrap_or(true),
+    })
 }
 
 /// The IOThread ids a device's queues run on, one per queue (or one for
@@ -138,27 +188,38 @@ fn queue_threads(
         .collect()
 }
 
-/// Resolves every device's node and IOThread and checks its options.
+/// Resolves every device's node and IOThread (or its backend's socket)
+/// and checks its options.
 pub fn prepare_devices(
     graph: &mut BlockGraph,
     devices: &[DeviceOptions],
     iothreads: &HashMap<String, IothreadProperties>,
+    chardevs: &[ChardevSocketOptions],
 ) -> Result<Vec<PreparedDevice>> {
     let mut out = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         let label = device_label(d, i);
-        let queue_threads = queue_threads(d, d.num_queues.unwrap_or(1), iothreads)
-            .map_err(|e| e.context(label.clone()))?;
-        let node = graph
-            .attach(&d.drive, &label)
-            .map_err(|e| anyhow::Error::new(e).context(label.clone()))?;
-        let config = blk_options(d, node.read_only()).map_err(|e| e.context(label.clone()))?;
+        let backend = if d.driver.is_vhost_user() {
+            PreparedBackend::VhostUser(
+                vhost_user_options(d, i, chardevs).map_err(|e| e.context(label.clone()))?,
+            )
+        } else {
+            let queue_threads = queue_threads(d, d.num_queues.unwrap_or(1), iothreads)
+                .map_err(|e| e.context(label.clone()))?;
+            let node = graph
+                .attach(d.drive(), &label)
+                .map_err(|e| anyhow::Error::new(e).context(label.clone()))?;
+            let config = blk_options(d, node.read_only()).map_err(|e| e.context(label.clone()))?;
+            PreparedBackend::Node {
+                node,
+                config,
+                queue_threads,
+            }
+        };
         out.push(PreparedDevice {
             label,
             options: d.clone(),
-            node,
-            config,
-            queue_threads,
+            backend,
         });
     }
     Ok(out)
@@ -167,10 +228,14 @@ pub fn prepare_devices(
 /// A device's transport, kept for what QMP does to a running device
 /// (`block_resize` raises its config-change interrupt).
 pub enum Transport {
-    /// virtio-mmio.
+    /// virtio-blk on virtio-mmio.
     Mmio(Arc<Mutex<MmioTransport<VirtioBlk>>>),
-    /// virtio-pci.
+    /// virtio-blk on virtio-pci.
     Pci(Arc<Mutex<VirtioPciDevice<VirtioBlk>>>),
+    /// vhost-user-blk on virtio-mmio.
+    VhostUserMmio(Arc<Mutex<MmioTransport<VhostUserBlk>>>),
+    /// vhost-user-blk on virtio-pci.
+    VhostUserPci(Arc<Mutex<VirtioPciDevice<VhostUserBlk>>>),
 }
 
 /// One device on the VM's buses.
@@ -179,8 +244,8 @@ pub struct AttachedDevice {
     pub label: String,
     /// Its `id`, if it has one.
     pub id: Option<String>,
-    /// Its node.
-    pub node: Arc<dyn BlockNode>,
+    /// Its node (`None`: another process serves it, vhost-user-blk).
+    pub node: Option<Arc<dyn BlockNode>>,
     /// Its transport.
     pub transport: Transport,
 }
@@ -192,6 +257,8 @@ impl AttachedDevice {
         match &self.transport {
             Transport::Mmio(t) => lock(t).config_changed(),
             Transport::Pci(t) => lock(t).config_changed(),
+            // The backend announces its own changes (CONFIG_CHANGE_MSG).
+            Transport::VhostUserMmio(_) | Transport::VhostUserPci(_) => {}
         }
     }
 
@@ -201,6 +268,7 @@ impl AttachedDevice {
         match &self.transport {
             Transport::Mmio(t) => lock(t).device_mut().set_io_error_hook(hook),
             Transport::Pci(t) => lock(t).device_mut().set_io_error_hook(hook),
+            Transport::VhostUserMmio(_) | Transport::VhostUserPci(_) => {}
         }
     }
 
@@ -210,14 +278,25 @@ impl AttachedDevice {
         fn below(n: &dyn BlockNode, name: &str) -> bool {
             n.node_name() == name || n.children().iter().any(|c| below(c.as_ref(), name))
         }
-        below(self.node.as_ref(), node)
+        self.node.as_ref().is_some_and(|n| below(n.as_ref(), node))
     }
 
-    /// The device's virtio-blk state (queues served, counters).
-    pub fn with_device<R>(&self, f: impl FnOnce(&VirtioBlk) -> R) -> R {
+    /// The device's virtio-blk state (queues served, counters), if it
+    /// serves its queues itself.
+    pub fn with_device<R>(&self, f: impl FnOnce(&VirtioBlk) -> R) -> Option<R> {
         match &self.transport {
-            Transport::Mmio(t) => f(lock(t).device()),
-            Transport::Pci(t) => f(lock(t).device()),
+            Transport::Mmio(t) => Some(f(lock(t).device())),
+            Transport::Pci(t) => Some(f(lock(t).device())),
+            Transport::VhostUserMmio(_) | Transport::VhostUserPci(_) => None,
+        }
+    }
+
+    /// The device's vhost-user state, if another process serves it.
+    pub fn with_vhost_user<R>(&self, f: impl FnOnce(&VhostUserBlk) -> R) -> Option<R> {
+        match &self.transport {
+            Transport::VhostUserMmio(t) => Some(f(lock(t).device())),
+            Transport::VhostUserPci(t) => Some(f(lock(t).device())),
+            Transport::Mmio(_) | Transport::Pci(_) => None,
         }
     }
 }
@@ -305,57 +384,48 @@ pub fn attach_devices(
     let mut pci: Option<PciSegment> = None;
     let mut out = Vec::new();
     for (i, d) in devices.into_iter().enumerate() {
-        let threads = d
-            .queue_threads
-            .iter()
-            .filter_map(|id| iothreads.iter().find(|t| t.id() == id.as_str()).cloned())
-            .collect();
-        let blk = VirtioBlk::new(
-            VirtioBlkConfig {
-                id: d.options.id.clone().unwrap_or_else(|| format!("blk{i}")),
-                node: d.node.clone(),
-                opts: d.config.clone(),
-                iothreads: threads,
-            },
-            mem.clone(),
-        )
-        .with_context(|| d.label.clone())?;
-        let transport = match d.options.driver {
-            DeviceDriver::VirtioBlkDevice => {
-                let slot = dm
-                    .add_mmio_device(MMIO_LEN)
-                    .with_context(|| d.label.clone())?;
-                let t = MmioTransport::new(blk, dm.hooks(), slot.base, slot.gsi)
-                    .with_context(|| format!("{}: virtio-mmio transport", d.label))?;
-                let t = Arc::new(Mutex::new(t));
-                dm.insert_mmio_device(&slot, t.clone())
-                    .with_context(|| d.label.clone())?;
-                Transport::Mmio(t)
-            }
-            DeviceDriver::VirtioBlkPci => {
-                let seg = match &pci {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s = add_pci_segment(dm)?;
-                        pci = Some(s.clone());
-                        s
-                    }
+        let label = d.label.clone();
+        let (node, transport) = match d.backend {
+            PreparedBackend::Node {
+                node,
+                config,
+                queue_threads,
+            } => {
+                let threads = queue_threads
+                    .iter()
+                    .filter_map(|id| iothreads.iter().find(|t| t.id() == id.as_str()).cloned())
+                    .collect();
+                let blk = VirtioBlk::new(
+                    VirtioBlkConfig {
+                        id: d.options.id.clone().unwrap_or_else(|| format!("blk{i}")),
+                        node: node.clone(),
+                        opts: config,
+                        iothreads: threads,
+                    },
+                    mem.clone(),
+                )
+                .with_context(|| label.clone())?;
+                let t = if d.options.driver.is_pci() {
+                    Transport::Pci(place_pci(dm, &mut pci, blk, &label)?)
+                } else {
+                    Transport::Mmio(place_mmio(dm, blk, &label)?)
                 };
-                let bar = seg
-                    .allocate_bar(PCI_BAR_SIZE)
-                    .with_context(|| format!("{}: the PCI BAR window is full", d.label))?;
-                let t = VirtioPciDevice::new(blk, dm.hooks(), bar)
-                    .with_context(|| format!("{}: virtio-pci transport", d.label))?;
-                let t = Arc::new(Mutex::new(t));
-                seg.add_device(t.clone())
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", d.label))?;
-                Transport::Pci(t)
+                (Some(node), t)
+            }
+            PreparedBackend::VhostUser(opts) => {
+                let dev = VhostUserBlk::new(opts, mem.clone()).with_context(|| label.clone())?;
+                let t = if d.options.driver.is_pci() {
+                    Transport::VhostUserPci(place_pci(dm, &mut pci, dev, &label)?)
+                } else {
+                    Transport::VhostUserMmio(place_mmio(dm, dev, &label)?)
+                };
+                (None, t)
             }
         };
         out.push(AttachedDevice {
-            label: d.label,
+            label,
             id: d.options.id.clone(),
-            node: d.node,
+            node,
             transport,
         });
     }
@@ -364,6 +434,49 @@ pub fn attach_devices(
         iothreads,
         pci,
     })
+}
+
+/// Puts `device` on a virtio-mmio slot (which also puts it in the DSDT
+/// and on the command line).
+fn place_mmio<D: VirtioDevice + 'static>(
+    dm: &mut DeviceManager,
+    device: D,
+    label: &str,
+) -> Result<Arc<Mutex<MmioTransport<D>>>> {
+    let slot = dm.add_mmio_device(MMIO_LEN).context(label.to_string())?;
+    let t = MmioTransport::new(device, dm.hooks(), slot.base, slot.gsi)
+        .with_context(|| format!("{label}: virtio-mmio transport"))?;
+    let t = Arc::new(Mutex::new(t));
+    dm.insert_mmio_device(&slot, t.clone())
+        .context(label.to_string())?;
+    Ok(t)
+}
+
+/// Puts `device` behind the PCI host bridge as a virtio-pci function,
+/// creating the bridge with the first one.
+fn place_pci<D: VirtioDevice + 'static>(
+    dm: &mut DeviceManager,
+    pci: &mut Option<PciSegment>,
+    device: D,
+    label: &str,
+) -> Result<Arc<Mutex<VirtioPciDevice<D>>>> {
+    let seg = match pci {
+        Some(s) => s.clone(),
+        None => {
+            let s = add_pci_segment(dm)?;
+            *pci = Some(s.clone());
+            s
+        }
+    };
+    let bar = seg
+        .allocate_bar(PCI_BAR_SIZE)
+        .with_context(|| format!("{label}: the PCI BAR window is full"))?;
+    let t = VirtioPciDevice::new(device, dm.hooks(), bar)
+        .with_context(|| format!("{label}: virtio-pci transport"))?;
+    let t = Arc::new(Mutex::new(t));
+    seg.add_device(t.clone())
+        .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+    Ok(t)
 }
 
 /// The PCI host bridge: ECAM on the MMIO bus, 0xcf8 ports on the PIO bus,
@@ -496,20 +609,87 @@ mod tests {
         g.add(&qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap())
             .unwrap();
         let io = HashMap::new();
-        let e = prepare_devices(&mut g, &[dev("virtio-blk-pci,drive=n0,iothread=io9")], &io)
-            .err()
-            .unwrap();
+        let e = prepare_devices(
+            &mut g,
+            &[dev("virtio-blk-pci,drive=n0,iothread=io9")],
+            &io,
+            &[],
+        )
+        .err()
+        .unwrap();
         assert_eq!(
             format!("{e:#}"),
             "device 0 (virtio-blk-pci, drive 'n0'): Cannot find iothread 'io9'"
         );
-        let e = prepare_devices(&mut g, &[dev("virtio-blk-pci,drive=nope,id=disk")], &io)
+        let e = prepare_devices(
+            &mut g,
+            &[dev("virtio-blk-pci,drive=nope,id=disk")],
+            &io,
+            &[],
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{e:#}").starts_with("device 'disk': "), "{e:#}");
+        let p = prepare_devices(&mut g, &[dev("virtio-blk-device,drive=n0")], &io, &[]).unwrap();
+        let PreparedBackend::Node {
+            config,
+            queue_threads,
+            ..
+        } = &p[0].backend
+        else {
+            panic!("a virtio-blk device is served by its node");
+        };
+        assert_eq!(config.num_queues, 1);
+        assert!(queue_threads.is_empty());
+    }
+
+    #[test]
+    fn vhost_user_devices_resolve_their_chardev_with_qemus_defaults() {
+        let mut g = BlockGraph::new();
+        let io = HashMap::new();
+        let chardevs: Vec<ChardevSocketOptions> = [
+            "socket,id=vu0,path=/run/vu.sock,reconnect-ms=250",
+            "socket,id=mon,path=/run/qmp.sock,server=on,wait=off",
+        ]
+        .iter()
+        .map(|c| qapi::parse_option_as(c, Some("backend")).unwrap())
+        .collect();
+        let p = prepare_devices(
+            &mut g,
+            &[dev("vhost-user-blk-pci,chardev=vu0,id=vd0")],
+            &io,
+            &chardevs,
+        )
+        .unwrap();
+        let PreparedBackend::VhostUser(o) = &p[0].backend else {
+            panic!("a vhost-user-blk device is served over its chardev");
+        };
+        assert_eq!(o.id, "vd0");
+        assert_eq!(o.path, std::path::PathBuf::from("/run/vu.sock"));
+        assert_eq!(o.reconnect, Some(std::time::Duration::from_millis(250)));
+        assert_eq!(
+            (o.num_queues, o.queue_size, o.config_wce),
+            (None, 128, true)
+        );
+        let e = prepare_devices(
+            &mut g,
+            &[dev("vhost-user-blk,chardev=nope")],
+            &io,
+            &chardevs,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            format!("{e:#}"),
+            "device 0 (vhost-user-blk, chardev 'nope'): Property 'chardev' can't find value 'nope'"
+        );
+        let e = prepare_devices(&mut g, &[dev("vhost-user-blk,chardev=mon")], &io, &chardevs)
             .err()
             .unwrap();
-        assert!(format!("{e:#}").starts_with("device 'disk': "), "{e:#}");
-        let p = prepare_devices(&mut g, &[dev("virtio-blk-device,drive=n0")], &io).unwrap();
-        assert_eq!(p[0].config.num_queues, 1);
-        assert!(p[0].queue_threads.is_empty());
+        assert!(
+            format!("{e:#}").contains("must be a client socket"),
+            "{e:#}"
+        );
     }
 
     fn iothreads(ids: &[&str]) -> HashMap<String, IothreadProperties> {

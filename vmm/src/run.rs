@@ -94,7 +94,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         device_opts.push(d);
     }
-    let prepared = attach::prepare_devices(&mut graph, &device_opts, &iothreads)?;
+    let chardevs = args.monitor.chardevs()?;
+    let prepared = attach::prepare_devices(&mut graph, &device_opts, &iothreads, &chardevs)?;
 
     if pvm::host_is_pvm() {
         eprintln!("{}", pvm::PVM_WARNING);

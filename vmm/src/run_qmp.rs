@@ -70,7 +70,10 @@ impl VmMonitor {
     ) -> Self {
         let qdevs = qdev_names(&attached.devices);
         for (d, qdev) in attached.devices.iter().zip(&qdevs) {
-            let (ev, qdev, node) = (events.clone(), qdev.clone(), d.node.node_name().to_string());
+            let Some(node) = &d.node else {
+                continue;
+            };
+            let (ev, qdev, node) = (events.clone(), qdev.clone(), node.node_name().to_string());
             d.set_io_error_hook(Some(Arc::new(move |op, err| {
                 let errno = err.errno();
                 ev.emit(
@@ -118,14 +121,17 @@ impl VmMonitor {
             .devices
             .iter()
             .zip(&self.qdevs)
-            .map(|(d, qdev)| {
+            // vhost-user-blk devices have no block backend here (QEMU does
+            // not list them either).
+            .filter_map(|(d, qdev)| Some((d.node.as_ref()?, qdev)))
+            .map(|(node, qdev)| {
                 json!({
                     "device": "",
                     "qdev": qdev,
                     "type": "unknown",
                     "removable": false,
                     "locked": false,
-                    "inserted": qmp::block::node_info(d.node.as_ref()),
+                    "inserted": qmp::block::node_info(node.as_ref()),
                 })
             })
             .collect();
@@ -145,8 +151,9 @@ impl VmMonitor {
             .devices
             .iter()
             .zip(&self.qdevs)
-            .map(|(d, qdev)| {
-                let mut s = qmp::block::block_stats(d.node.as_ref());
+            .filter_map(|(d, qdev)| Some((d.node.as_ref()?, qdev)))
+            .map(|(node, qdev)| {
+                let mut s = qmp::block::block_stats(node.as_ref());
                 s["device"] = json!("");
                 s["qdev"] = json!(qdev);
                 s

@@ -27,6 +27,11 @@ pub struct MonitorArgs {
 }
 
 impl MonitorArgs {
+    /// Every `--chardev`, checked (monitors' and vhost-user backends').
+    pub fn chardevs(&self) -> Result<Vec<qapi::qmp::ChardevSocketOptions>> {
+        qmp::parse_chardevs(&self.chardevs)
+    }
+
     /// Every monitor's socket address, checked.
     pub fn addresses(&self) -> Result<Vec<QmpAddr>> {
         let mut out = Vec::new();

@@ -32,6 +32,10 @@ const VECTOR_MASKED: u32 = 1;
 struct Vector {
     masked: AtomicBool,
     pending: AtomicBool,
+    /// Another process holds the irqfd (a vhost-user backend's call fd)
+    /// and may have written it while the route was gone: unmasking
+    /// delivers once unconditionally.
+    direct: AtomicBool,
     irqfd: EventFd,
     gsi: u32,
 }
@@ -55,6 +59,20 @@ impl MsixSignal {
             vec.irqfd.write(1)?;
         }
         Ok(())
+    }
+
+    /// A duplicate of vector `v`'s irqfd for another process to write
+    /// (`None` when out of range). Such writes bypass the mask; while the
+    /// vector is masked its route is gone and KVM drops them, so from now
+    /// on every unmask of `v` delivers one interrupt (a spurious one at
+    /// worst, which virtio drivers tolerate), as QEMU's masked notifier
+    /// ends in a check of the ring.
+    pub fn direct_notifier(&self, v: u16) -> io::Result<Option<EventFd>> {
+        let Some(vec) = self.vectors.get(usize::from(v)) else {
+            return Ok(None);
+        };
+        vec.direct.store(true, Ordering::SeqCst);
+        vec.irqfd.try_clone().map(Some)
     }
 
     /// Number of vectors.
@@ -104,6 +122,7 @@ impl Msix {
                 Ok(Vector {
                     masked: AtomicBool::new(true),
                     pending: AtomicBool::new(false),
+                    direct: AtomicBool::new(false),
                     irqfd,
                     gsi,
                 })
@@ -217,8 +236,10 @@ impl Msix {
             self.routes[v] = want;
         }
         if !masked {
-            vec.masked.store(false, Ordering::SeqCst);
-            if vec.pending.swap(false, Ordering::SeqCst) {
+            let was_masked = vec.masked.swap(false, Ordering::SeqCst);
+            if vec.pending.swap(false, Ordering::SeqCst)
+                || (was_masked && vec.direct.load(Ordering::SeqCst))
+            {
                 let _ = vec.irqfd.write(1);
             }
         }

@@ -18,6 +18,7 @@
 //! completes in-flight requests into the rings, flushes the node and
 //! closes the socket.
 
+pub mod device;
 mod memory;
 mod session;
 
@@ -327,5 +328,7 @@ fn run_session(shared: &ExportShared, mut handler: BackendReqHandler<Mutex<Sessi
     }
 }
 
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod tests;

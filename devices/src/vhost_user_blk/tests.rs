@@ -79,7 +79,7 @@ impl IoSubscriber for Gate {}
 
 /// `MEM_SIZE` bytes of guest memory at 0 on a memfd (the fd the frontend
 /// sends with SET_MEM_TABLE).
-fn memfd_memory() -> (GuestMem, File) {
+pub(super) fn memfd_memory() -> (GuestMem, File) {
     // SAFETY: the name is a NUL-terminated string; memfd_create returns a
     // new fd or -1 and touches no memory of ours.
     let fd = unsafe { libc::memfd_create(c"blkvm-test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };

@@ -13,7 +13,7 @@
 //! use for virtio-mmio) never loses an interrupt.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -69,6 +69,8 @@ struct MmioInterrupt {
     bits: AtomicU32,
     irqfd: EventFd,
     status: Arc<AtomicU8>,
+    /// A queue's notifier went to another process (until reset).
+    direct: AtomicBool,
 }
 
 impl VirtioInterrupt for MmioInterrupt {
@@ -84,6 +86,15 @@ impl VirtioInterrupt for MmioInterrupt {
     fn set_needs_reset(&self) {
         mark_needs_reset(&self.status);
         let _ = self.signal(VirtioIrq::Config);
+    }
+
+    fn queue_notifier(&self, _queue: u16) -> io::Result<Option<EventFd>> {
+        // Whoever writes the irqfd directly cannot set INT_VRING first, so
+        // InterruptStatus reports it for as long as the device runs this
+        // way (Linux then looks at every queue, which costs a spurious
+        // check at most).
+        self.direct.store(true, Ordering::SeqCst);
+        self.irqfd.try_clone().map(Some)
     }
 }
 
@@ -106,6 +117,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let common = VirtioCommon::new(&device);
         let interrupt = Arc::new(MmioInterrupt {
             bits: AtomicU32::new(0),
+            direct: AtomicBool::new(false),
             irqfd: EventFd::new(EFD_NONBLOCK)?,
             status: common.status.clone(),
         });
@@ -191,7 +203,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             reg::DEVICE_FEATURES => c.device_features_page(),
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
             reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
-            reg::INTERRUPT_STATUS => self.interrupt.bits.load(Ordering::SeqCst),
+            reg::INTERRUPT_STATUS => {
+                let direct = if self.interrupt.direct.load(Ordering::SeqCst) {
+                    INT_VRING
+                } else {
+                    0
+                };
+                self.interrupt.bits.load(Ordering::SeqCst) | direct
+            }
             reg::STATUS => u32::from(c.status()),
             // No shared memory regions: length and base read as all ones.
             reg::SHM_LEN_LOW..=reg::SHM_BASE_HIGH => u32::MAX,
@@ -223,6 +242,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 c.write_status(v as u8, &mut self.device, &irq);
                 if v == 0 {
                     self.interrupt.bits.store(0, Ordering::SeqCst);
+                    self.interrupt.direct.store(false, Ordering::SeqCst);
                 }
             }
             reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {

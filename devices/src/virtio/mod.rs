@@ -51,6 +51,14 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal(&self, irq: VirtioIrq) -> io::Result<()>;
     /// Sets DEVICE_NEEDS_RESET and raises the config interrupt (2.1.2).
     fn set_needs_reset(&self);
+    /// An eventfd that raises queue `queue`'s interrupt when written, for
+    /// a device whose queues another process serves (vhost-user: the
+    /// backend's call fd): the irqfd of the queue's MSI-X vector, or the
+    /// virtio-mmio line with InterruptStatus reporting used buffers from
+    /// then on. `None` when the transport cannot (no vector assigned).
+    fn queue_notifier(&self, _queue: u16) -> io::Result<Option<EventFd>> {
+        Ok(None)
+    }
 }
 
 /// One virtqueue as the driver configured it.

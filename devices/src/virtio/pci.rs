@@ -23,6 +23,8 @@ use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use super::{mark_needs_reset, set_half, VirtioCommon, VirtioDevice, VirtioInterrupt, VirtioIrq};
 use crate::bus::{BusDevice, VmHooks};
 use crate::pci::msix::{Msix, MsixSignal, CTRL_ENABLE, CTRL_FUNCTION_MASK};
@@ -108,6 +110,17 @@ impl VirtioInterrupt for PciInterrupt {
     fn set_needs_reset(&self) {
         mark_needs_reset(&self.status);
         let _ = self.signal(VirtioIrq::Config);
+    }
+
+    fn queue_notifier(&self, queue: u16) -> io::Result<Option<EventFd>> {
+        let vector = self
+            .queue_vectors
+            .get(usize::from(queue))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+        if vector == NO_VECTOR {
+            return Ok(None);
+        }
+        self.msix.direct_notifier(vector)
     }
 }
 

@@ -208,9 +208,8 @@ fn split_escaped(s: &str) -> (String, Vec<String>) {
     (first, parts)
 }
 
-/// Resolves qemu-storage-daemon's `--chardev` and `--monitor` options into
-/// the sockets to serve.
-pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Result<Vec<QmpAddr>> {
+/// Parses `--chardev` options (unix sockets only), refusing duplicate ids.
+pub fn parse_chardevs(chardevs: &[String]) -> Result<Vec<ChardevSocketOptions>> {
     let mut defs = Vec::new();
     for c in chardevs {
         let d: ChardevSocketOptions =
@@ -221,17 +220,24 @@ pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Resul
                 d.backend
             );
         }
-        if d.server != Some(true) {
-            bail!("--chardev {c}: a monitor socket needs server=on");
-        }
         if d.wait == Some(true) {
             bail!("--chardev {c}: wait=on is not supported; use wait=off");
+        }
+        if d.server == Some(true) && d.reconnect_ms.is_some() {
+            bail!("--chardev {c}: 'reconnect-ms' option is incompatible with 'server'");
         }
         if defs.iter().any(|x: &ChardevSocketOptions| x.id == d.id) {
             bail!("--chardev {c}: duplicate chardev id '{}'", d.id);
         }
         defs.push(d);
     }
+    Ok(defs)
+}
+
+/// Resolves qemu-storage-daemon's `--chardev` and `--monitor` options into
+/// the sockets to serve.
+pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Result<Vec<QmpAddr>> {
+    let defs = parse_chardevs(chardevs)?;
     let mut out = Vec::new();
     for m in monitors {
         let o: MonitorOptions =
@@ -244,6 +250,12 @@ pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Resul
             .iter()
             .find(|d| d.id == o.chardev)
             .with_context(|| format!("--monitor {m}: chardev '{}' not found", o.chardev))?;
+        if d.server != Some(true) {
+            bail!(
+                "--monitor {m}: chardev '{}' is not a server socket (server=on)",
+                d.id
+            );
+        }
         out.push(QmpAddr {
             path: PathBuf::from(&d.path),
         });

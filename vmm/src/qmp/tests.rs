@@ -256,6 +256,17 @@ fn qmp_and_chardev_arguments() {
     assert_eq!(m[0].path, std::path::PathBuf::from("/tmp/q.sock"));
     let e = monitors_from_chardevs(&[], &["chardev=c9".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("chardev 'c9' not found"));
-    let e = monitors_from_chardevs(&["socket,id=c0,path=/x".into()], &[]).unwrap_err();
+    // A client chardev (a vhost-user backend's) is no monitor.
+    let e = monitors_from_chardevs(&["socket,id=c0,path=/x".into()], &["chardev=c0".into()])
+        .unwrap_err();
     assert!(format!("{e:#}").contains("server=on"), "{e:#}");
+    let d = parse_chardevs(&["socket,id=vu0,path=/x,reconnect-ms=500".into()]).unwrap();
+    assert_eq!(d[0].reconnect_ms, Some(500));
+    let e = parse_chardevs(&["socket,id=c0,path=/x,server=on,reconnect-ms=1".into()]).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("incompatible with 'server'"),
+        "{e:#}"
+    );
+    let e = parse_chardevs(&["socket,id=c0,path=/x,reconnect-ms=soon".into()]).unwrap_err();
+    assert!(format!("{e:#}").contains("reconnect-ms"), "{e:#}");
 }
