@@ -5,9 +5,11 @@
 # PROGRAM... are given (blkvm), their archive (programs.cpio), and, with
 # QEMU=1, an archive of qemu-system-x86_64 with its libraries and the
 # firmware it needs to boot L2 with KVM (qemu.cpio, ~60 MB), the
-# known-good VMM the nested tests compare `blkvm run` with:
+# known-good VMM the nested tests compare `blkvm run` with, and, with
+# QSD=1, an archive of qemu-storage-daemon and its libraries (qsd.cpio,
+# ~16 MB), the known-good vhost-user-blk backend:
 #
-#   [QEMU=1] resources/nested/build.sh [PROGRAM...]
+#   [QEMU=1] [QSD=1] resources/nested/build.sh [PROGRAM...]
 #
 # Idempotent and cheap when all is there; serialised with a lock, since
 # tests run in parallel processes and each may call it.
@@ -35,4 +37,9 @@ if [ "${QEMU:-0}" = 1 ]; then
         [ -e "$f" ] && firmware+=("$f")
     done
     "$here/pack-binary.sh" "$out/qemu.cpio" "$qemu" -- "${firmware[@]}"
+fi
+if [ "${QSD:-0}" = 1 ]; then
+    qsd=$(command -v "${QEMU_STORAGE_DAEMON:-qemu-storage-daemon}") ||
+        { echo "build.sh: qemu-storage-daemon missing (run resources/setup.sh)" >&2; exit 1; }
+    "$here/pack-binary.sh" "$out/qsd.cpio" "$qsd"
 fi

@@ -104,3 +104,36 @@ thread_io() {
         result "thread.${t##*/}.$c" "$(awk '{ printf "%s ", $2 }' "$t/io")"
     done
 }
+
+# wait_socket PATH: waits (up to 60 s) for a unix socket at PATH (a
+# daemon's listener); fails with a BLKVM-ERROR line naming it otherwise.
+wait_socket() {
+    wait_i=0
+    until [ -S "$1" ]; do
+        wait_i=$((wait_i + 1))
+        [ $wait_i -lt 600 ] || { echo "BLKVM-ERROR no socket $1"; return 1; }
+        sleep 0.1
+    done
+}
+
+# pid_of WORD...: the pid of a process whose command line starts with
+# WORD... (e.g. `pid_of blkvm run`, which `pidof blkvm` cannot tell from
+# `blkvm storage-daemon`); fails if there is none.
+pid_of() {
+    for pid_p in /proc/[0-9]*; do
+        case "$(tr '\0' ' ' <"$pid_p/cmdline" 2>/dev/null)" in
+        "$* "*)
+            echo "${pid_p##*/}"
+            return 0
+            ;;
+        esac
+    done
+    return 1
+}
+
+# process_io KEY PID: one KEY result with the I/O counters of the whole
+# process PID (/proc/PID/io: its threads, living and exited), in
+# thread_io's order.
+process_io() {
+    result "$1" "$(awk '{ printf "%s ", $2 }' "/proc/$2/io")"
+}

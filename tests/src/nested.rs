@@ -7,7 +7,8 @@
 //! L1's initrd is cpio archives one after the other: the base of
 //! `resources/nested/` (busybox, `/init`, the KVM and virtio modules,
 //! `kvm-smoke`, the L2 kernel), `blkvm` with its shared libraries (and,
-//! with [`NestedVm::with_qemu`], `qemu-system-x86_64`), and the test's own
+//! with [`NestedVm::with_qemu`], `qemu-system-x86_64`; with
+//! [`NestedVm::with_qsd`], `qemu-storage-daemon`), and the test's own
 //! (`/test.sh`, the L2 initrd with the L2 script appended,
 //! [`NestedVm::file`]s). L1's `/init` loads the modules, prints
 //! `BLKVM-L1-READY` once `/dev/kvm` is there, runs `/test.sh` and prints
@@ -53,6 +54,9 @@ pub struct NestedImage {
     /// `qemu-system-x86_64`, its libraries and firmware (uncompressed
     /// cpio, ~60 MB), for [`NestedVm::with_qemu`].
     pub qemu: PathBuf,
+    /// `qemu-storage-daemon` and its libraries (uncompressed cpio,
+    /// ~16 MB), for [`NestedVm::with_qsd`].
+    pub qsd: PathBuf,
     /// The test guest's kernel and initramfs: L2's.
     pub l2: GuestImage,
 }
@@ -79,6 +83,7 @@ impl NestedImage {
         let output = Command::new(&script)
             .arg(&blkvm)
             .env("QEMU", "1")
+            .env("QSD", "1")
             .env("GUEST_OUT", &guest)
             .env("NESTED_OUT", &out)
             .output()
@@ -97,6 +102,7 @@ impl NestedImage {
             l1_initramfs: out.join("initramfs.cpio"),
             programs: out.join("programs.cpio"),
             qemu: out.join("qemu.cpio"),
+            qsd: out.join("qsd.cpio"),
             l2: GuestImage {
                 kernel: guest.join("vmlinuz"),
                 initramfs: guest.join("initramfs.cpio.gz"),
@@ -107,6 +113,7 @@ impl NestedImage {
             &image.l1_initramfs,
             &image.programs,
             &image.qemu,
+            &image.qsd,
             &image.l2.initramfs,
         ] {
             if !path.is_file() {
@@ -136,6 +143,7 @@ pub struct NestedVm {
     l2_script: Option<String>,
     files: Vec<(String, Vec<u8>)>,
     with_qemu: bool,
+    with_qsd: bool,
     memory_mib: u64,
     cpus: u32,
     timeout: Duration,
@@ -157,6 +165,7 @@ impl NestedVm {
             l2_script: None,
             files: Vec::new(),
             with_qemu: false,
+            with_qsd: false,
             memory_mib: 2048,
             cpus: 2,
             timeout: DEFAULT_TIMEOUT,
@@ -168,7 +177,8 @@ impl NestedVm {
     /// L1's `/test.sh`: a busybox `sh -e` script with the helpers of
     /// `resources/guest/lib.sh` (`result`, `md5`, `disk_info`) and
     /// `resources/nested/lib.sh` (`l2_boot`, `l2_run`, `l2_boot_qemu`,
-    /// `l2_exec`, `image`, `image_md5`).
+    /// `l2_exec`, `image`, `loop_image`, `image_md5`, `wait_line`,
+    /// `wait_socket`, `pid_of`, `thread_io`, `process_io`).
     pub fn l1_script(mut self, script: impl Into<String>) -> Self {
         self.l1_script = script.into();
         self
@@ -198,6 +208,14 @@ impl NestedVm {
     /// ~60 MB of initrd, about a second of L1 boot.
     pub fn with_qemu(mut self) -> Self {
         self.with_qemu = true;
+        self
+    }
+
+    /// Puts `qemu-storage-daemon` (with its libraries) in L1: QEMU's own
+    /// vhost-user-blk backend, to serve `blkvm run`'s vhost-user-blk
+    /// devices beside `blkvm storage-daemon`. Costs ~16 MB of initrd.
+    pub fn with_qsd(mut self) -> Self {
+        self.with_qsd = true;
         self
     }
 
@@ -326,9 +344,11 @@ impl NestedVm {
         cpio::pad_for_next_archive(&mut initrd);
         initrd.extend(read(&image.programs)?);
         cpio::pad_for_next_archive(&mut initrd);
-        if self.with_qemu {
-            initrd.extend(read(&image.qemu)?);
-            cpio::pad_for_next_archive(&mut initrd);
+        for (wanted, archive) in [(self.with_qemu, &image.qemu), (self.with_qsd, &image.qsd)] {
+            if wanted {
+                initrd.extend(read(archive)?);
+                cpio::pad_for_next_archive(&mut initrd);
+            }
         }
         initrd.extend(cpio::archive(&files));
         Ok(initrd)

@@ -243,3 +243,140 @@ fn requests_go_to_the_backend_and_the_queue_survives_a_backend_restart() {
     drop(dev);
     wait_for("the export sees the frontend go", || !exp.connected());
 }
+
+/// A backend restarted after a crash, given the frontend's inflight area
+/// (INFLIGHT_SHMFD), runs the heads its predecessor took and did not
+/// return, in the order it took them, then resumes the avail ring after
+/// them: nothing the guest is waiting for is lost, nothing finished is
+/// redone.
+#[test]
+fn a_restarted_export_resubmits_what_the_last_one_had_in_flight() {
+    use std::os::fd::{AsFd, AsRawFd};
+    use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vm_memory::GuestMemoryBackend;
+
+    use crate::virtio::testutil::MEM_SIZE;
+    use crate::virtio_blk::inflight::InflightMap;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (img, sock) = (image(dir.path()), dir.path().join("vu.sock"));
+    let exp = export(&img, &sock, 1);
+    let (mem, memfd) = memfd_memory();
+    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let r = ring(&mem, 0);
+    // The guest made four reads available (chains 0-3, heads 0, 3, 6, 9);
+    // the dead backend returned head 0 and had taken 6, then 3.
+    for (n, sector) in [(0u16, 1u64), (1, 20), (2, 30), (3, 40)] {
+        mem.write_slice(&[0xaa; 512], GuestAddress(DATA + u64::from(n) * 0x1000))
+            .unwrap();
+        push_read(&mem, &r, n, sector, 512);
+    }
+    mem.write_obj(0u32, GuestAddress(r.used + 4)).unwrap();
+    mem.write_obj(513u32, GuestAddress(r.used + 8)).unwrap();
+    mem.write_obj(1u16, GuestAddress(r.used + 2)).unwrap();
+
+    let want = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    let connect = || {
+        let mut fe = Frontend::connect(&sock, 1).unwrap();
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        assert!(fe.get_protocol_features().unwrap().contains(want));
+        fe.set_protocol_features(want).unwrap();
+        (fe, features)
+    };
+    // An area for more queues than the export has is refused, and since
+    // the request needs an answer the connection ends (rather than the
+    // frontend waiting for a reply that never comes).
+    let (mut fe, _) = connect();
+    assert!(fe
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 9, QSIZE))
+        .is_err());
+    drop(fe);
+    wait_for("the export drops the connection", || !exp.connected());
+    let (mut fe, features) = connect();
+    let (info, file) = fe
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .unwrap();
+    // What the dead backend left in the area.
+    {
+        let map = Arc::new(InflightMap::map(file.as_fd(), 0, info.mmap_size as usize).unwrap());
+        let mut q = map.queue(0, QSIZE).unwrap();
+        assert!(q.recover(0, QSIZE).is_none());
+        q.begin(0);
+        q.begin(6);
+        q.begin(3);
+        q.pre_put(0);
+        q.post_put(0, 1);
+    }
+    fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+    fe.set_features(
+        (features & !(1 << VIRTIO_RING_F_EVENT_IDX))
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+    )
+    .unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE,
+        userspace_addr: host,
+        mmap_offset: 0,
+        mmap_handle: memfd.as_raw_fd(),
+    }])
+    .unwrap();
+    fe.set_vring_num(0, QSIZE).unwrap();
+    // The frontend's base (the used index) is overridden by the record.
+    fe.set_vring_base(0, 1).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host + r.desc(),
+            used_ring_addr: host + r.used,
+            avail_ring_addr: host + r.avail(),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+
+    wait_for("heads 6, 3 and 9 complete", || used_idx(&mem, &r) == 4);
+    let mut heads: Vec<u32> = (1..4u64)
+        .map(|i| {
+            mem.read_obj::<u32>(GuestAddress(r.used + 4 + 8 * i))
+                .unwrap()
+        })
+        .collect();
+    heads.sort_unstable();
+    assert_eq!(
+        heads,
+        [3, 6, 9],
+        "each taken head once, the returned one not again"
+    );
+    for (n, sector) in [(1u64, 20u8), (2, 30), (3, 40)] {
+        let mut b = [0u8; 512];
+        mem.read_slice(&mut b, GuestAddress(DATA + n * 0x1000))
+            .unwrap();
+        assert!(
+            b.iter().all(|&x| x == sector),
+            "chain {n} read sector {sector}"
+        );
+    }
+    // Chain 0's buffer was not read again.
+    let mut b = [0u8; 512];
+    mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+    assert!(b.iter().all(|&x| x == 0xaa));
+    drop(fe);
+    wait_for("the export sees the frontend go", || !exp.connected());
+    // Three chains ran: the two resubmitted and the one after them.
+    assert_eq!(exp.requests(), 3);
+}

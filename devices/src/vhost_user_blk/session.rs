@@ -13,7 +13,7 @@
 //! generation; workers get the new generation by value.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -37,6 +37,7 @@ use super::{lock, ExportShared};
 use crate::iothread::IoThread;
 use crate::virtio::{VirtioInterrupt, VirtioIrq};
 use crate::virtio_blk::config::{self, CONFIG_LEN, WRITEBACK_OFFSET};
+use crate::virtio_blk::inflight::{queue_area_size, InflightMap};
 use crate::virtio_blk::{QueueWorker, QueueWorkerConfig};
 
 /// The frontend's call fd as a queue's interrupt.
@@ -85,6 +86,9 @@ pub(super) struct Session {
     acked_protocol_features: u64,
     memory: FrontendMemory,
     vrings: Vec<Vring>,
+    /// The frontend's inflight area and the queue size it was laid out
+    /// for (INFLIGHT_SHMFD).
+    inflight: Option<(Arc<InflightMap>, u16)>,
 }
 
 pub(super) fn invalid(what: &str) -> VuError {
@@ -129,7 +133,60 @@ impl Session {
             acked_features: 0,
             acked_protocol_features: 0,
             vrings,
+            inflight: None,
         }
+    }
+
+    /// A new, zeroed inflight area for `inflight`'s queues (GET_INFLIGHT_FD).
+    fn new_inflight(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        let len = self.inflight_len(inflight)?;
+        // SAFETY: a NUL-terminated name; memfd_create returns a new fd or
+        // -1 and touches no memory of ours.
+        let fd = unsafe { libc::memfd_create(c"blkvm-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VuError::ReqHandlerError(std::io::Error::last_os_error()));
+        }
+        // SAFETY: the fd was just created and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(VuError::ReqHandlerError)?;
+        let map = InflightMap::map(file.as_fd(), 0, len).map_err(VuError::ReqHandlerError)?;
+        self.inflight = Some((Arc::new(map), inflight.queue_size));
+        Ok((
+            VhostUserInflight {
+                mmap_size: len as u64,
+                mmap_offset: 0,
+                num_queues: inflight.num_queues,
+                queue_size: inflight.queue_size,
+            },
+            file,
+        ))
+    }
+
+    /// A request that needs an answer failed: the `vhost` crate sends no
+    /// reply then, and the frontend would wait forever, so the failure is
+    /// logged and the connection ended instead.
+    fn unanswerable(&self, e: VuError) -> VuError {
+        eprintln!(
+            "export '{}': frontend request refused: {e}; closing the connection",
+            self.shared.id
+        );
+        VuError::InvalidMessage
+    }
+
+    /// Bytes of the inflight area `inflight` describes, checked against
+    /// the export's queues (untrusted sizes).
+    fn inflight_len(&self, inflight: &VhostUserInflight) -> VuResult<usize> {
+        let (nq, qs) = (inflight.num_queues, inflight.queue_size);
+        if nq == 0 || usize::from(nq) > self.vrings.len() {
+            return Err(invalid("inflight area for more queues than the export has"));
+        }
+        if qs == 0 || qs > config::MAX_QUEUE_SIZE {
+            return Err(invalid("inflight area for an invalid queue size"));
+        }
+        Ok(usize::from(nq) * queue_area_size(qs))
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
@@ -190,6 +247,20 @@ impl Session {
             .used_idx(mem.as_ref(), Ordering::Acquire)
             .map_err(|_| invalid("the used ring is not readable"))?;
         queue.set_next_used(used_idx.0);
+        // With the frontend's inflight area, the ring resumes after what
+        // the last backend took, and what it had not returned runs first.
+        let mut resubmit = Vec::new();
+        let record = match &self.inflight {
+            Some((map, qs)) => map.queue(i as u16, *qs),
+            None => None,
+        };
+        let record = record.map(|mut r| {
+            if let Some((heads, next_avail)) = r.recover(used_idx.0, v.size) {
+                queue.set_next_avail(next_avail);
+                resubmit = heads;
+            }
+            r
+        });
         let kick = v
             .kick
             .as_ref()
@@ -204,9 +275,10 @@ impl Session {
             None => EventFd::new(libc::EFD_NONBLOCK),
         }
         .map_err(VuError::ReqHandlerError)?;
-        let handler = lock(&shared.handlers)[i]
+        let mut handler = lock(&shared.handlers)[i]
             .take()
             .ok_or_else(|| invalid("the vring's handler is in use"))?;
+        handler.set_inflight(record);
         let worker = QueueWorker::new(QueueWorkerConfig {
             id: format!("export '{}': queue {i}", shared.id),
             index: i as u16,
@@ -217,6 +289,7 @@ impl Session {
             interrupt: Arc::new(CallInterrupt { call }),
             writethrough: shared.writethrough.clone(),
             counters: shared.counters.clone(),
+            resubmit,
         });
         let thread = shared.iothreads[i % shared.iothreads.len()].clone();
         match thread.add(Box::new(worker)) {
@@ -284,7 +357,9 @@ impl Session {
         // memfds, io_uring fixed buffers) until their next request.
         for h in lock(&self.shared.handlers).iter_mut().flatten() {
             h.sync_memory();
+            h.set_inflight(None);
         }
+        self.inflight = None;
         for v in &mut self.vrings {
             v.kick = None;
             v.call = None;
@@ -385,7 +460,9 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        self.vring(index)?;
+        if let Err(e) = self.vring(index) {
+            return Err(self.unanswerable(e));
+        }
         let i = index as usize;
         // GET_VRING_BASE stops the ring (vhost-user: "Ring states").
         self.stop_worker(i, Stop::Drain);
@@ -435,7 +512,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         Ok(VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -498,13 +576,21 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("INFLIGHT_SHMFD is not offered"))
+        self.new_inflight(inflight)
+            .map_err(|e| self.unanswerable(e))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("INFLIGHT_SHMFD is not offered"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let len = self.inflight_len(inflight)?;
+        if inflight.mmap_size < len as u64 {
+            return Err(invalid("the inflight area is smaller than its queues need"));
+        }
+        let map = InflightMap::map(file.as_fd(), inflight.mmap_offset, len)
+            .map_err(VuError::ReqHandlerError)?;
+        self.inflight = Some((Arc::new(map), inflight.queue_size));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -175,6 +175,7 @@ impl VirtioBlk {
             interrupt: interrupt.clone(),
             writethrough: self.writethrough.clone(),
             counters: self.counters.clone(),
+            resubmit: Vec::new(),
         }))
     }
 }

@@ -13,10 +13,13 @@ use std::sync::Arc;
 use block::{BlockNode, Completion, NodeQueue, Request, RequestError, RequestOp};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::config::{BlkOptions, MAX_DISCARD_SEG, SECTOR_SIZE};
-use super::request::{read_range, BlkRequest, BlkRequestType, VirtioBlkError, DISCARD_RANGE_LEN};
+use super::inflight::InflightQueue;
+use super::request::{
+    chain_at, read_range, BlkRequest, BlkRequestType, VirtioBlkError, DISCARD_RANGE_LEN,
+};
 use super::GuestMem;
 
 /// Chains started between two looks at what the node finished. A whole
@@ -100,6 +103,8 @@ pub struct BlkQueueHandler {
     counters: BlkQueueCounters,
     writethrough: bool,
     io_error: Option<IoErrorHook>,
+    /// The vhost-user frontend's record of heads in flight, if it keeps one.
+    inflight: Option<InflightQueue>,
 }
 
 impl BlkQueueHandler {
@@ -121,7 +126,39 @@ impl BlkQueueHandler {
             counters: BlkQueueCounters::default(),
             writethrough: false,
             io_error: None,
+            inflight: None,
         }
+    }
+
+    /// Keeps `record` of the heads in flight from now on (vhost-user
+    /// inflight tracking; `None`: none).
+    pub fn set_inflight(&mut self, record: Option<InflightQueue>) {
+        self.inflight = record;
+    }
+
+    /// Starts the chains at `heads` again (inflight heads a previous
+    /// backend took and did not return), in order. Returns whether the
+    /// guest should be notified now.
+    pub fn resubmit(
+        &mut self,
+        heads: &[u16],
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> Result<bool, BlkHandlerError> {
+        let mut used = false;
+        for &head in heads {
+            let descs = chain_at(mem, GuestAddress(queue.desc_table()), queue.size(), head)
+                .unwrap_or_default();
+            used |= self.start_with(queue, mem, |req, mem| {
+                req.parse_descriptors(head, descs, mem)
+            });
+        }
+        used |= self.reap(queue, mem);
+        self.queue.kick();
+        Ok(used
+            && queue
+                .needs_notification(mem.as_ref())
+                .map_err(BlkHandlerError::Queue)?)
     }
 
     /// The node queue's completion fd, to watch in the thread's epoll.
@@ -355,13 +392,26 @@ impl BlkQueueHandler {
         queue: &mut Queue,
         mem: &Arc<GuestMem>,
     ) -> bool {
+        self.start_with(queue, mem, |req, mem| req.parse(chain, mem))
+    }
+
+    /// Starts the chain `parse` reads into a request.
+    fn start_with(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+        parse: impl FnOnce(&mut BlkRequest, &GuestMem) -> Result<(), VirtioBlkError>,
+    ) -> bool {
         self.counters.requests += 1;
         let idx = self.take_slot();
         let slot = &mut self.slots[idx];
         slot.status = VIRTIO_BLK_S_OK as u8;
         slot.used_len = 1;
         slot.pending = 0;
-        let parsed = slot.req.parse(chain, mem);
+        let parsed = parse(&mut slot.req, mem);
+        if let Some(record) = &mut self.inflight {
+            record.begin(slot.req.head);
+        }
         let result = parsed.and_then(|()| self.submit(idx, mem));
         match result {
             Ok(()) if self.slots[idx].pending > 0 => {
@@ -520,9 +570,16 @@ impl BlkQueueHandler {
             Some(addr) if mem.write_obj(slot.status, addr).is_ok() => slot.used_len,
             _ => 0,
         };
+        let head = slot.req.head;
+        if let Some(record) = &self.inflight {
+            record.pre_put(head);
+        }
         // A failure here means the used ring is not in guest memory; the
         // next kick's avail check reports the queue broken.
-        let _ = queue.add_used(mem, slot.req.head, len);
+        let _ = queue.add_used(mem, head, len);
+        if let Some(record) = &self.inflight {
+            record.post_put(head, queue.next_used());
+        }
         slot.mem = None;
         self.free.push(idx as u32);
     }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod device;
 pub mod handler;
+pub mod inflight;
 pub mod request;
 mod ring;
 pub mod worker;

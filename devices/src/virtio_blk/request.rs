@@ -7,6 +7,7 @@
 //! checked type.
 
 use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -124,7 +125,18 @@ impl BlkRequest {
         chain: DescriptorChain<&GuestMem>,
         mem: &GuestMem,
     ) -> Result<(), VirtioBlkError> {
-        self.head = chain.head_index();
+        let head = chain.head_index();
+        self.parse_descriptors(head, chain, mem)
+    }
+
+    /// Parses the chain at `head` made of `descs` (see [`Self::parse`]).
+    pub fn parse_descriptors(
+        &mut self,
+        head: u16,
+        descs: impl IntoIterator<Item = Descriptor>,
+        mem: &GuestMem,
+    ) -> Result<(), VirtioBlkError> {
+        self.head = head;
         self.kind = None;
         self.sector = 0;
         self.data.clear();
@@ -133,7 +145,7 @@ impl BlkRequest {
         self.readable.clear();
         self.writable.clear();
         let mut order_ok = true;
-        for d in chain {
+        for d in descs {
             let seg = Segment {
                 addr: d.addr(),
                 len: d.len(),
@@ -250,6 +262,62 @@ pub struct DiscardRange {
 pub const DISCARD_RANGE_LEN: usize = 16;
 
 /// Reads range `i` of a discard/write-zeroes payload.
+/// The descriptors of the chain at `head` of a split ring whose table is
+/// at `table` with `size` entries, following NEXT and one level of
+/// INDIRECT as virtio-queue's iterator does: for a chain taken from the
+/// ring earlier (a resubmitted inflight head). A loop, an index out of
+/// range or a nested indirect table ends it with an error.
+pub fn chain_at(
+    mem: &GuestMem,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+) -> Result<Vec<Descriptor>, VirtioBlkError> {
+    const F_NEXT: u16 = 1;
+    const F_INDIRECT: u16 = 4;
+    let mut out = Vec::new();
+    let (mut table, mut size, mut idx) = (table, u32::from(size), u32::from(head));
+    let mut indirect = false;
+    // A chain longer than its table loops.
+    let mut left = size;
+    loop {
+        if idx >= size || left == 0 {
+            return Err(VirtioBlkError::BadSegment);
+        }
+        left -= 1;
+        let at = table
+            .checked_add(16 * u64::from(idx))
+            .ok_or(VirtioBlkError::BadSegment)?;
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, at)
+            .map_err(|_| VirtioBlkError::BadSegment)?;
+        let field = |r: std::ops::Range<usize>| -> u64 {
+            raw[r]
+                .iter()
+                .rev()
+                .fold(0u64, |a, &b| (a << 8) | u64::from(b))
+        };
+        let (addr, len) = (field(0..8), field(8..12) as u32);
+        let (flags, next) = (field(12..14) as u16, field(14..16) as u16);
+        if flags & F_INDIRECT != 0 {
+            if indirect || flags & F_NEXT != 0 || len % 16 != 0 || len == 0 {
+                return Err(VirtioBlkError::BadSegment);
+            }
+            indirect = true;
+            table = GuestAddress(addr);
+            size = len / 16;
+            left = size;
+            idx = 0;
+            continue;
+        }
+        out.push(Descriptor::new(addr, len, flags, next));
+        if flags & F_NEXT == 0 {
+            return Ok(out);
+        }
+        idx = u32::from(next);
+    }
+}
+
 pub fn read_range<T: GuestMemoryBackend + ?Sized>(
     data: &[Segment],
     i: usize,

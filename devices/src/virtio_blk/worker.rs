@@ -77,6 +77,9 @@ pub struct QueueWorkerConfig {
     pub writethrough: Arc<AtomicBool>,
     /// Counters shared with the owner.
     pub counters: Arc<WorkerCounters>,
+    /// Heads to start before the avail ring (vhost-user inflight heads a
+    /// previous backend took and did not return).
+    pub resubmit: Vec<u16>,
 }
 
 /// One enabled virtqueue on its IOThread.
@@ -96,6 +99,8 @@ pub struct QueueWorker {
     counters: Arc<WorkerCounters>,
     /// The avail index the poller reads every round.
     avail_idx: AvailIdx,
+    /// Heads to start first (see `QueueWorkerConfig::resubmit`).
+    resubmit: Vec<u16>,
 }
 
 impl QueueWorker {
@@ -118,6 +123,7 @@ impl QueueWorker {
             broken: false,
             polling: false,
             counters: cfg.counters,
+            resubmit: cfg.resubmit,
         }
     }
 
@@ -308,6 +314,11 @@ impl MutEventSubscriber for QueueWorker {
             eprintln!("{}: cannot watch the queue: {e:?}", self.id);
             self.broken = true;
             self.interrupt.set_needs_reset();
+        }
+        if !self.resubmit.is_empty() && !self.broken {
+            let heads = std::mem::take(&mut self.resubmit);
+            let r = self.handler.resubmit(&heads, &mut self.queue, &self.mem);
+            self.notify(r);
         }
         // Entries made available before the worker existed (a vhost-user
         // ring resumed at a base, a kick consumed by a previous worker).

@@ -75,6 +75,7 @@ fn worker(
         interrupt: irqs.clone(),
         writethrough: Arc::default(),
         counters: Arc::default(),
+        resubmit: Vec::new(),
     });
     (w, kick, irqs)
 }
