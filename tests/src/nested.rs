@@ -293,6 +293,18 @@ impl NestedVm {
                 );
                 continue;
             }
+            if output.l2_faulted_in_early_boot() && attempt < L1_CRASH_RETRIES {
+                attempt += 1;
+                let lines: Vec<&str> = output.l2_lines().collect();
+                eprintln!(
+                    "L2 triple-faulted in its kernel's early boot, before its /init (seen \
+                     under TCG's nested SVM only, with L2 in setup code no device has \
+                     touched yet); running L1 again ({attempt}/{L1_CRASH_RETRIES}); L2's \
+                     last lines: {:?}",
+                    &lines[lines.len().saturating_sub(2)..]
+                );
+                continue;
+            }
             output.check_success()?;
             return Ok(output);
         }
@@ -522,6 +534,15 @@ impl NestedOutput {
     /// L1's console lines (L2's left out).
     pub fn l1_lines(&self) -> impl Iterator<Item = &str> {
         self.l1.console.lines()
+    }
+
+    /// Whether L2 died of a triple fault before its `/init` started (no
+    /// `BLKVM-BOOT` from L2): the kernel's own early setup, which runs no
+    /// device code of ours.
+    pub fn l2_faulted_in_early_boot(&self) -> bool {
+        self.l1_lines()
+            .any(|l| l.contains("triple fault (KVM_EXIT_SHUTDOWN)"))
+            && !self.l2_lines().any(|l| l.contains("BLKVM-BOOT"))
     }
 
     /// Whether L1's own kernel (not L2's) oopsed or panicked, or L1 reset

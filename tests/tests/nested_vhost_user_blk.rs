@@ -162,6 +162,7 @@ grow qsd "$qdev" "$qqmp" d1
 
 wait_line "L2| BLKVM-RESULT l2.waiting" /tmp/l2.out || stuck "L2 never waited for its power button"
 thread_io "$(pid_of blkvm run)"
+qmp-send "$vqmp" '{"execute":"x-query-virtio"}' | sed 's/^/RUN-QMP| /'
 process_io blkvm.daemon.io "$bsd"
 process_io qsd.daemon.io "$qsd"
 qmp-send "$vqmp" '{"execute":"system_powerdown"}' wait:SHUTDOWN >/dev/null
@@ -251,6 +252,7 @@ fn debian_uses_vhost_user_blk_disks_served_by_blkvm_and_qemu_storage_daemon() ->
         check_daemon(&out, disk)?;
     }
     check_run_threads(&out)?;
+    check_query_virtio(&out)?;
     check_blkvm_export_stats(&out)?;
     // qemu-storage-daemon's CONFIG_CHANGE first: the known-good backend.
     check_resize(&out, &QSD)
@@ -439,5 +441,30 @@ fn check_resize(out: &NestedOutput, disk: &Disk) -> Result<()> {
         out.result(&format!("{name}.image.size"))? == (GROWN_MIB * MIB).to_string(),
         out.error(&format!("{name}: the image is not {GROWN_MIB} MiB"))
     );
+    Ok(())
+}
+
+/// `x-query-virtio` on blkvm run's QMP lists both devices as
+/// vhost-user-blk, each with its socket and connected.
+fn check_query_virtio(out: &NestedOutput) -> Result<()> {
+    let reply: serde_json::Value = out
+        .l1_lines()
+        .filter_map(|l| l.strip_prefix("RUN-QMP| "))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["return"].is_array())
+        .ok_or_else(|| out.error("no x-query-virtio reply"))?;
+    let devices = reply["return"].as_array().cloned().unwrap_or_default();
+    for (id, socket) in [("vpci", "/tmp/blkvm-sd.sock"), ("vmmio", "/tmp/qsd.sock")] {
+        let d = devices
+            .iter()
+            .find(|d| d["path"] == format!("/machine/peripheral/{id}/virtio-backend"))
+            .ok_or_else(|| out.error(&format!("x-query-virtio does not list {id}")))?;
+        ensure!(
+            d["name"] == "vhost-user-blk"
+                && d["blkvm-backend"]["vhost-user"] == socket
+                && d["blkvm-backend"]["connected"] == true,
+            out.error(&format!("x-query-virtio: {id} is {d}"))
+        );
+    }
     Ok(())
 }

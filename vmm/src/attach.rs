@@ -291,6 +291,15 @@ impl AttachedDevice {
         }
     }
 
+    /// Reports the device's backend disconnects and reconnects to `hook`
+    /// (vhost-user-blk only).
+    pub fn set_backend_event_hook(
+        &self,
+        hook: Option<devices::vhost_user_blk::device::BackendEventHook>,
+    ) {
+        self.with_vhost_user(|d| d.set_event_hook(hook));
+    }
+
     /// The device's vhost-user state, if another process serves it.
     pub fn with_vhost_user<R>(&self, f: impl FnOnce(&VhostUserBlk) -> R) -> Option<R> {
         match &self.transport {

@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::{BlockGraph, RequestOp};
+use devices::vhost_user_blk::device::BackendEvent;
 use serde_json::{json, Map, Value};
 use vmm::attach::{Attached, AttachedDevice};
 use vmm::vm::VmControl;
@@ -27,6 +28,7 @@ const COMMANDS: &[&str] = &[
     "cont",
     "system_powerdown",
     "quit",
+    "x-query-virtio",
 ];
 
 /// `blkvm run`'s [`Monitor`].
@@ -71,6 +73,24 @@ impl VmMonitor {
         let qdevs = qdev_names(&attached.devices);
         for (d, qdev) in attached.devices.iter().zip(&qdevs) {
             let Some(node) = &d.node else {
+                // A vhost-user-blk device: its backend's comings and goings.
+                let (ev, qdev) = (events.clone(), qdev.clone());
+                let path = d
+                    .with_vhost_user(|v| v.path().display().to_string())
+                    .unwrap_or_default();
+                d.set_backend_event_hook(Some(Arc::new(move |e| {
+                    let (name, reconnecting) = match e {
+                        BackendEvent::Disconnected { reconnecting } => {
+                            ("X_VHOST_USER_DISCONNECTED", Some(reconnecting))
+                        }
+                        BackendEvent::Reconnected => ("X_VHOST_USER_RECONNECTED", None),
+                    };
+                    let mut data = json!({"qdev": qdev, "path": path});
+                    if let Some(r) = reconnecting {
+                        data["reconnecting"] = json!(r);
+                    }
+                    ev.emit(name, Some(data));
+                })));
                 continue;
             };
             let (ev, qdev, node) = (events.clone(), qdev.clone(), node.node_name().to_string());
@@ -162,6 +182,43 @@ impl VmMonitor {
         Ok(Value::Array(v))
     }
 
+    /// QEMU's `x-query-virtio`: each virtio device's QOM path and name,
+    /// here with what serves it (`blkvm-backend`: its node, or the
+    /// vhost-user socket and whether it is connected).
+    fn x_query_virtio(&self) -> Value {
+        let v = self
+            .attached
+            .devices
+            .iter()
+            .zip(&self.qdevs)
+            .map(|(d, qdev)| {
+                let path = if qdev.starts_with('/') {
+                    qdev.clone()
+                } else {
+                    format!("/machine/peripheral/{qdev}/virtio-backend")
+                };
+                let backend = match (
+                    &d.node,
+                    d.with_vhost_user(|v| (v.path().to_path_buf(), v.connected(), v.reconnects())),
+                ) {
+                    (_, Some((socket, connected, reconnects))) => json!({
+                        "vhost-user": socket.display().to_string(),
+                        "connected": connected,
+                        "reconnects": reconnects,
+                    }),
+                    (Some(node), None) => json!({"node-name": node.node_name()}),
+                    (None, None) => json!({}),
+                };
+                json!({
+                    "path": path,
+                    "name": if d.node.is_some() { "virtio-blk" } else { "vhost-user-blk" },
+                    "blkvm-backend": backend,
+                })
+            })
+            .collect();
+        Value::Array(v)
+    }
+
     fn query_iothreads(&self) -> Value {
         let v = self
             .attached
@@ -209,6 +266,10 @@ impl Monitor for VmMonitor {
             "query-block" => {
                 qmp::no_args(a)?;
                 Ok(self.query_block())
+            }
+            "x-query-virtio" => {
+                qmp::no_args(a)?;
+                Ok(self.x_query_virtio())
             }
             "query-iothreads" => {
                 qmp::no_args(a)?;

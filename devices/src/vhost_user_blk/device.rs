@@ -81,6 +81,23 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
+/// A change of a device's connection to its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The backend went away; `reconnecting` when the device will try
+    /// again (`reconnect-ms`).
+    Disconnected {
+        /// The device connects again by itself.
+        reconnecting: bool,
+    },
+    /// The device connected again and restarted the guest's queues.
+    Reconnected,
+}
+
+/// Called from the device's control thread on each [`BackendEvent`]
+/// (QMP events).
+pub type BackendEventHook = Arc<dyn Fn(BackendEvent) + Send + Sync>;
+
 /// What a vhost-user-blk device is made of (QEMU's properties).
 #[derive(Clone, Debug)]
 pub struct VhostUserBlkDeviceOptions {
@@ -187,11 +204,24 @@ struct Shared {
     disconnected: AtomicBool,
     /// Reconnections so far.
     reconnects: std::sync::atomic::AtomicU64,
+    /// Told about disconnects and reconnects.
+    events: Mutex<Option<BackendEventHook>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn event(&self, e: BackendEvent) {
+        let hook = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(h) = hook {
+            h(e);
+        }
     }
 
     fn label(&self) -> String {
@@ -398,6 +428,7 @@ impl VhostUserBlk {
             }),
             disconnected: AtomicBool::new(false),
             reconnects: Default::default(),
+            events: Mutex::new(None),
             opts,
         });
         let kicks = Arc::new(kicks);
@@ -425,6 +456,11 @@ impl VhostUserBlk {
     /// How many times the device connected again after losing its backend.
     pub fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::SeqCst)
+    }
+
+    /// Calls `hook` on every disconnect and reconnect from now on.
+    pub fn set_event_hook(&self, hook: Option<BackendEventHook>) {
+        *self.shared.events.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     /// The socket the backend listens on.
@@ -817,6 +853,7 @@ fn control_thread(shared: &Shared, stop: &EventFd, kicks: &[EventFd]) {
                         shared.disconnected.store(false, Ordering::SeqCst);
                         shared.reconnects.fetch_add(1, Ordering::SeqCst);
                         eprintln!("{}: reconnected to the backend", shared.label());
+                        shared.event(BackendEvent::Reconnected);
                     }
                     Err(e) => {
                         if !shared.disconnected.swap(true, Ordering::SeqCst) {
@@ -828,8 +865,8 @@ fn control_thread(shared: &Shared, stop: &EventFd, kicks: &[EventFd]) {
             continue;
         }
         let hup = fds[1].revents != 0;
-        let mut inner = shared.lock();
-        let inner = &mut *inner;
+        let mut guard = shared.lock();
+        let inner = &mut *guard;
         if !hup && fds.len() > 2 && fds[2].revents != 0 {
             let mut changed = false;
             let mut lost = false;
@@ -855,7 +892,12 @@ fn control_thread(shared: &Shared, stop: &EventFd, kicks: &[EventFd]) {
         }
         if hup {
             inner.conn = None;
+            // The hook may ask the device things: not under the lock.
+            drop(guard);
             shared.disconnected.store(true, Ordering::SeqCst);
+            shared.event(BackendEvent::Disconnected {
+                reconnecting: shared.opts.reconnect.is_some(),
+            });
             match shared.opts.reconnect {
                 Some(d) => eprintln!(
                     "{}: backend disconnected; reconnecting every {} ms",

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::BlockGraph;
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress};
@@ -50,11 +52,21 @@ impl VirtioInterrupt for DirectIrqs {
 /// A 1 MiB image whose sector n is filled with byte n, exported
 /// (`num_queues` queues) at `sock`.
 fn export(img: &std::path::Path, sock: &std::path::Path, num_queues: u16) -> VhostUserBlkExport {
+    export_with(img, sock, num_queues, "")
+}
+
+/// As `export`, with `extra` options on the file node.
+fn export_with(
+    img: &std::path::Path,
+    sock: &std::path::Path,
+    num_queues: u16,
+    extra: &str,
+) -> VhostUserBlkExport {
     let mut graph = BlockGraph::new();
     let node = graph
         .add(
             &qapi::parse_blockdev(&format!(
-                "driver=file,node-name=f0,filename={}",
+                "driver=file,node-name=f0,filename={}{extra}",
                 img.display()
             ))
             .unwrap(),
@@ -122,6 +134,17 @@ fn the_device_takes_features_queues_and_config_from_the_backend() {
 
     // The export serves one frontend at a time.
     drop(dev);
+    drop(_exp);
+    // A read-only backend makes a read-only disk; config-wce=off hides the
+    // writeback toggle the backend offers.
+    let _exp = export_with(&img, &sock, 2, ",read-only=on");
+    let (mem, _f) = memfd_memory();
+    let mut o = options(&sock, None);
+    o.config_wce = false;
+    let ro = VhostUserBlk::new(o, Arc::new(mem)).unwrap();
+    assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0, "RO passed on");
+    assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_CONFIG_WCE), 0);
+    drop(ro);
     // More queues than the backend has is an error at start, naming both.
     let (mem, _f) = memfd_memory();
     let mut o = options(&sock, None);
@@ -203,6 +226,9 @@ fn requests_go_to_the_backend_and_the_queue_survives_a_backend_restart() {
     read_through(&mem, &r, &kick, &irqs.call, 0, 7);
     read_through(&mem, &r, &kick, &irqs.call, 1, 300);
 
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    dev.set_event_hook(Some(Arc::new(move |e| s.lock().unwrap().push(e))));
     // The backend goes away: the device sees it and keeps the queue.
     exp.stop().unwrap();
     drop(exp);
@@ -220,6 +246,14 @@ fn requests_go_to_the_backend_and_the_queue_survives_a_backend_restart() {
     let exp = export(&img, &sock, 1);
     wait_for("the device reconnects", || dev.connected());
     assert_eq!(dev.reconnects(), 1);
+    wait_for("both events", || seen.lock().unwrap().len() == 2);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            super::device::BackendEvent::Disconnected { reconnecting: true },
+            super::device::BackendEvent::Reconnected
+        ]
+    );
     wait_for("the waiting request completes", || used_idx(&mem, &r) == 3);
     let mut b = [0u8; 512];
     mem.read_slice(&mut b, GuestAddress(DATA + 2 * 0x1000))
@@ -379,4 +413,36 @@ fn a_restarted_export_resubmits_what_the_last_one_had_in_flight() {
     wait_for("the export sees the frontend go", || !exp.connected());
     // Three chains ran: the two resubmitted and the one after them.
     assert_eq!(exp.requests(), 3);
+}
+
+#[test]
+fn without_reconnect_a_lost_backend_is_reported_and_the_device_stays() {
+    use super::device::BackendEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let (img, sock) = (image(dir.path()), dir.path().join("vu.sock"));
+    let mut exp = export(&img, &sock, 1);
+    let (mem, _f) = memfd_memory();
+    let dev = VhostUserBlk::new(options(&sock, None), Arc::new(mem)).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    dev.set_event_hook(Some(Arc::new(move |e| s.lock().unwrap().push(e))));
+    exp.stop().unwrap();
+    drop(exp);
+    wait_for("the loss is reported", || !seen.lock().unwrap().is_empty());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [BackendEvent::Disconnected {
+            reconnecting: false
+        }]
+    );
+    assert!(!dev.connected());
+    // Without reconnect-ms a new backend is not picked up; the device
+    // (and its configuration space) stays.
+    let _exp = export(&img, &sock, 1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!dev.connected());
+    assert_eq!(dev.reconnects(), 0);
+    let mut cap = [0u8; 8];
+    dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
 }
