@@ -11,7 +11,9 @@
 //! - `blkvm`: vhost-user-blk-pci, 32 MiB, two queues, served by `blkvm
 //!   storage-daemon` (`num-queues=2`, 4 KiB logical blocks);
 //! - `qsd`: vhost-user-blk (virtio-mmio), 48 MiB, one queue, served by
-//!   qemu-storage-daemon.
+//!   qemu-storage-daemon;
+//! - `ro`: vhost-user-blk-pci, 8 MiB of L1's random data in tmpfs, served
+//!   read-only (`writable=off`) by a second `blkvm storage-daemon`.
 //!
 //! L2 checks geometry and data (written at start, middle and end,
 //! discarded, zeroed, read back), then L1 grows qemu-storage-daemon's
@@ -40,6 +42,18 @@ for d in /sys/block/vd*; do
     case $(cat "$d/size") in
     65536) name=blkvm; dev_blkvm=$n ;;
     98304) name=qsd; dev_qsd=$n ;;
+    16384)
+        # The read-only disk: L1's data, and a write that must fail.
+        result ro.dev "$n"
+        disk_info "$n"
+        result ro.md5 "$(md5 "/dev/$n")"
+        if dd if=/dev/zero of="/dev/$n" bs=4k count=1 oflag=direct 2>/dev/null; then
+            result ro.write ok
+        else
+            result ro.write refused
+        fi
+        continue
+        ;;
     *) result "$n.unexpected_size" "$(cat "$d/size")"; continue ;;
     esac
     result "$name.dev" "$n"
@@ -117,7 +131,17 @@ qemu-storage-daemon \
     --export "type=vhost-user-blk,id=e1,node-name=d1,addr.type=unix,addr.path=$qsock,writable=on" \
     --chardev "socket,id=m,path=$qqmp,server=on,wait=off" --monitor chardev=m &
 qsd=$!
-for s in "$bsock" "$bqmp" "$qsock" "$qqmp"; do
+# A third disk, read-only: 8 MiB of L1's random data behind a writable=off
+# export of its own blkvm storage-daemon.
+ro=$(image ro 8)
+dd if=/dev/urandom of="$ro" bs=1M count=8 conv=notrunc 2>/dev/null
+result ro.image.md5 "$(image_md5 "$ro")"
+rsock=/tmp/ro.sock
+blkvm storage-daemon \
+    --blockdev "file,node-name=r0,filename=$ro,read-only=on" \
+    --export "type=vhost-user-blk,id=e2,node-name=r0,addr.type=unix,addr.path=$rsock,writable=off" &
+rsd=$!
+for s in "$bsock" "$bqmp" "$qsock" "$qqmp" "$rsock"; do
     wait_socket "$s"
 done
 result daemons.ready 1
@@ -139,6 +163,8 @@ L2_CPUS=2
     --device vhost-user-blk-pci,id=vpci,chardev=vu0,num-queues=2 \
     --chardev "socket,id=vu1,path=$qsock" \
     --device vhost-user-blk,id=vmmio,chardev=vu1 \
+    --chardev "socket,id=vu2,path=$rsock" \
+    --device vhost-user-blk-pci,id=vro,chardev=vu2 \
     --qmp "unix:$vqmp,server=on,wait=off" || true; } | tee /tmp/l2.out &
 l2=$!
 wait_line 'l2.resize.ready\|BLKVM-DONE\|l2.rc=' /tmp/l2.out || stuck "L2 did not finish its I/O"
@@ -177,6 +203,8 @@ stop() {
 }
 stop blkvm "$bsd"
 stop qsd "$qsd"
+stop ro "$rsd"
+result ro.image.md5.after "$(image_md5 "$ro")"
 losetup -d "$bdev"
 losetup -d "$qdev"
 for disk in blkvm:32 qsd:48; do
@@ -251,6 +279,7 @@ fn debian_uses_vhost_user_blk_disks_served_by_blkvm_and_qemu_storage_daemon() ->
         check_data(&out, disk)?;
         check_daemon(&out, disk)?;
     }
+    check_read_only(&out)?;
     check_run_threads(&out)?;
     check_query_virtio(&out)?;
     check_blkvm_export_stats(&out)?;
@@ -466,5 +495,32 @@ fn check_query_virtio(out: &NestedOutput) -> Result<()> {
             out.error(&format!("x-query-virtio: {id} is {d}"))
         );
     }
+    Ok(())
+}
+
+/// The read-only export is a read-only disk in L2 (VIRTIO_BLK_F_RO passed
+/// through): L1's data, and a write refused; the image did not change.
+fn check_read_only(out: &NestedOutput) -> Result<()> {
+    let dev = out.l2_result("ro.dev")?;
+    for (what, want) in [("ro", "1"), ("size", "16384")] {
+        let seen = out.l2_result(&format!("{dev}.{what}"))?;
+        ensure!(
+            seen == want,
+            out.error(&format!("read-only disk: {what} is {seen}, not {want}"))
+        );
+    }
+    let image = out.result("ro.image.md5")?;
+    ensure!(
+        out.l2_result("ro.md5")? == image && out.result("ro.image.md5.after")? == image,
+        out.error("the read-only disk does not hold L1's data, or changed")
+    );
+    ensure!(
+        out.l2_result("ro.write")? == "refused",
+        out.error("a write to the read-only disk succeeded")
+    );
+    ensure!(
+        out.result("ro.daemon.rc")? == "0",
+        out.error("the read-only disk's daemon did not exit 0")
+    );
     Ok(())
 }
