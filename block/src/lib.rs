@@ -20,6 +20,7 @@ pub mod file;
 pub mod graph;
 pub mod limits;
 pub mod memory;
+pub mod nbd;
 pub mod node;
 pub mod null;
 pub mod raw;

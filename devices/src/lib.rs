@@ -10,6 +10,7 @@
 
 pub mod bus;
 pub mod iothread;
+pub mod nbd_server;
 pub mod pci;
 pub mod vhost_user_blk;
 pub mod virtio;

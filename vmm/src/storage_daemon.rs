@@ -9,12 +9,14 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use block::nbd::server::NbdExportInfo;
 use block::{BlockGraph, RequestOp};
 use clap::Args;
 use devices::iothread::IoThread;
+use devices::nbd_server::{NbdAddr, NbdServer, NbdServerExport};
 use devices::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkExportConfig};
 use devices::virtio_blk::{BlkOptions, IoErrorHook};
-use qapi::export::{BlockExportOptions, SocketAddress};
+use qapi::export::{BlockExportOptions, BlockExportType, NbdServerOptions, SocketAddress};
 use qapi::qmp::{BlockExportDelArgs, BlockExportRemoveMode};
 use serde_json::{json, Map, Value};
 
@@ -34,6 +36,10 @@ pub struct StorageDaemonArgs {
     /// An export: `type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N][,iothread=ID][,logical-block-size=N]`.
     #[arg(long = "export", value_name = "OPTIONS")]
     exports: Vec<String>,
+    /// The NBD server for `--export type=nbd`: `addr.type=unix,addr.path=PATH` or
+    /// `addr.type=inet,addr.host=HOST,addr.port=PORT`, `[,max-connections=N]`.
+    #[arg(long = "nbd-server", value_name = "OPTIONS")]
+    nbd_server: Option<String>,
     #[command(flatten)]
     monitor: MonitorArgs,
     /// Write the daemon's pid to this file once every export listens.
@@ -58,6 +64,10 @@ struct Daemon {
 struct State {
     graph: BlockGraph,
     exports: Vec<VhostUserBlkExport>,
+    /// The NBD server, once started.
+    nbd: Option<NbdServer>,
+    /// NBD exports: (id, export name, node name).
+    nbd_exports: Vec<(String, String, String)>,
 }
 
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`.
@@ -78,11 +88,21 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
         state: Mutex::new(State {
             graph,
             exports: Vec::new(),
+            nbd: None,
+            nbd_exports: Vec::new(),
         }),
         iothreads,
         events: Events::default(),
         control: Mutex::new(tx.clone()),
     });
+    if let Some(arg) = &args.nbd_server {
+        let o: NbdServerOptions =
+            qapi::parse_option_as(arg, None).with_context(|| format!("--nbd-server {arg}"))?;
+        daemon
+            .nbd_server_start(&o)
+            .map_err(|e| anyhow::anyhow!("{}", e.desc))
+            .with_context(|| format!("--nbd-server {arg}"))?;
+    }
     for arg in &args.exports {
         let e: BlockExportOptions =
             qapi::parse_option_as(arg, Some("type")).with_context(|| format!("--export {arg}"))?;
@@ -126,6 +146,9 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
         for e in &mut st.exports {
             stop_export(e);
         }
+        if let Some(mut n) = st.nbd.take() {
+            n.stop();
+        }
     }
     for s in servers {
         s.close();
@@ -141,8 +164,90 @@ impl Daemon {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn nbd_server_start(&self, o: &NbdServerOptions) -> Result<(), QmpError> {
+        let mut st = self.lock();
+        if st.nbd.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        if o.tls_creds.is_some() {
+            return Err(QmpError::generic(
+                "tls-creds: TLS is not supported by this NBD server yet",
+            ));
+        }
+        let addr = match &o.addr {
+            SocketAddress::Unix { path } => NbdAddr::Unix(path.clone()),
+            SocketAddress::Inet { host, port } => {
+                let port: u16 = port.parse().map_err(|_| {
+                    QmpError::generic(format!(
+                        "Parameter 'addr.port' expects a port number, not '{port}'"
+                    ))
+                })?;
+                NbdAddr::Tcp(host.clone(), port)
+            }
+        };
+        let max = o.max_connections.filter(|&m| m > 0).map(|m| m as usize);
+        let server = NbdServer::start(addr, max)
+            .map_err(|e| QmpError::generic(format!("Failed to start the NBD server: {e}")))?;
+        st.nbd = Some(server);
+        Ok(())
+    }
+
+    fn add_nbd_export(&self, st: &mut State, e: &BlockExportOptions) -> Result<(), QmpError> {
+        if e.addr.is_some() || e.num_queues.is_some() || e.logical_block_size.is_some() {
+            return Err(QmpError::generic("an nbd export takes no addr, num-queues or logical-block-size (the server has the address)"));
+        }
+        let Some(server) = st.nbd.as_ref() else {
+            return Err(QmpError::generic("NBD server not running"));
+        };
+        let iothread = match &e.iothread {
+            Some(io) => match self.iothreads.get(io) {
+                Some(t) => Some(t.clone()),
+                None => return Err(QmpError::generic(format!("Cannot find iothread '{io}'"))),
+            },
+            None => None,
+        };
+        let node = st
+            .graph
+            .lookup(&e.node_name)
+            .map_err(|err| QmpError::generic(format!("{err}")))?;
+        if e.writable && node.read_only() {
+            return Err(QmpError::generic(format!(
+                "Block node '{}' is read-only: the export cannot be writable",
+                e.node_name
+            )));
+        }
+        let name = e.name.clone().unwrap_or_else(|| e.node_name.clone());
+        server
+            .add_export(NbdServerExport {
+                name: name.clone(),
+                info: NbdExportInfo {
+                    node,
+                    writable: e.writable,
+                    description: e.description.clone(),
+                    multi_conn: true,
+                },
+                iothread,
+            })
+            .map_err(QmpError::generic)?;
+        st.graph
+            .attach(&e.node_name, &user_name(&e.id))
+            .map_err(|err| QmpError::generic(format!("{err}")))?;
+        st.nbd_exports
+            .push((e.id.clone(), name, e.node_name.clone()));
+        Ok(())
+    }
+
     fn add_export(&self, e: &BlockExportOptions) -> Result<(), QmpError> {
         let mut st = self.lock();
+        if st.exports.iter().any(|x| x.id() == e.id) || st.nbd_exports.iter().any(|x| x.0 == e.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                e.id
+            )));
+        }
+        if e.export_type == BlockExportType::Nbd {
+            return self.add_nbd_export(&mut st, e);
+        }
         if st.exports.iter().any(|x| x.id() == e.id) {
             return Err(QmpError::generic(format!(
                 "Block export id '{}' is already in use",
@@ -164,6 +269,17 @@ impl Daemon {
 
     fn del_export(&self, id: &str, hard: bool) -> Result<(), QmpError> {
         let mut st = self.lock();
+        if let Some(i) = st.nbd_exports.iter().position(|x| x.0 == id) {
+            let (id, name, node) = st.nbd_exports.remove(i);
+            if let Some(server) = st.nbd.as_ref() {
+                server.remove_export(&name);
+            }
+            st.graph.detach(&node, &user_name(&id));
+            drop(st);
+            self.events
+                .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+            return Ok(());
+        }
         let Some(i) = st.exports.iter().position(|x| x.id() == id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
@@ -195,6 +311,8 @@ impl Monitor for Daemon {
             "query-block",
             "query-iothreads",
             "block-export-add",
+            "nbd-server-start",
+            "nbd-server-stop",
             "block-export-del",
             "query-block-exports",
             "quit",
@@ -246,6 +364,25 @@ impl Monitor for Daemon {
                 }
                 Ok(Value::Array(out))
             }
+            "nbd-server-start" => {
+                let o: NbdServerOptions = qmp::args(a)?;
+                self.nbd_server_start(&o)?;
+                Ok(json!({}))
+            }
+            "nbd-server-stop" => {
+                qmp::no_args(a)?;
+                let mut st = self.lock();
+                let Some(mut server) = st.nbd.take() else {
+                    return Err(QmpError::generic("NBD server not running"));
+                };
+                server.stop();
+                for (id, _, node) in std::mem::take(&mut st.nbd_exports) {
+                    st.graph.detach(&node, &user_name(&id));
+                    self.events
+                        .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+                }
+                Ok(json!({}))
+            }
             "block-export-add" => {
                 let e: BlockExportOptions = qmp::args(a)?;
                 self.add_export(&e)?;
@@ -259,19 +396,27 @@ impl Monitor for Daemon {
             "query-block-exports" => {
                 qmp::no_args(a)?;
                 let st = self.lock();
-                Ok(Value::Array(
-                    st.exports
-                        .iter()
-                        .map(|e| {
-                            json!({
-                                "type": "vhost-user-blk",
-                                "id": e.id(),
-                                "node-name": e.node().node_name(),
-                                "shutting-down": false,
-                            })
+                let mut v: Vec<Value> = st
+                    .exports
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "type": "vhost-user-blk",
+                            "id": e.id(),
+                            "node-name": e.node().node_name(),
+                            "shutting-down": false,
                         })
-                        .collect(),
-                ))
+                    })
+                    .collect();
+                v.extend(st.nbd_exports.iter().map(|(id, _, node)| {
+                    json!({
+                        "type": "nbd",
+                        "id": id,
+                        "node-name": node,
+                        "shutting-down": false,
+                    })
+                }));
+                Ok(Value::Array(v))
             }
             "quit" => {
                 qmp::no_args(a)?;
@@ -307,7 +452,13 @@ fn start_export(
     iothread: Option<Arc<IoThread>>,
     events: &Events,
 ) -> Result<VhostUserBlkExport> {
-    let SocketAddress::Unix { path } = &e.addr;
+    let path = match &e.addr {
+        Some(SocketAddress::Unix { path }) => path,
+        Some(SocketAddress::Inet { .. }) => {
+            bail!("a vhost-user-blk export listens on a unix socket")
+        }
+        None => bail!("Parameter 'addr' is missing"),
+    };
     let lbs = e.logical_block_size.map_or(512, |s| s.0);
     let num_queues = e.num_queues.unwrap_or(1);
     let node = graph.lookup(&e.node_name)?;

@@ -1,0 +1,546 @@
+//! The NBD server side: the fixed newstyle handshake (blocking, on the
+//! server's accept thread, with a timeout) and one connection's
+//! transmission phase ([`NbdConnection`]), a non-blocking state machine
+//! an event loop drives: bytes in, requests on the node's queue, replies
+//! out. Many requests are in flight per connection; replies go out in
+//! the order the node finishes them (the client matches cookies).
+//!
+//! Untrusted input: a bad magic, an unknown command with a payload, or a
+//! payload over `MAX_PAYLOAD` ends the connection (the stream cannot be
+//! resynchronised); a bad request that can be answered gets its error
+//! (EINVAL, EPERM, ENOSPC, EOVERFLOW) and the connection goes on.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use super::proto::*;
+use crate::{BlockNode, Completion, NodeQueue, Request};
+
+/// One exported node, as the handshake offers it.
+#[derive(Clone)]
+pub struct NbdExportInfo {
+    /// The node.
+    pub node: Arc<dyn BlockNode>,
+    /// Clients may write.
+    pub writable: bool,
+    /// Free text for NBD_INFO_DESCRIPTION and LIST.
+    pub description: Option<String>,
+    /// Several connections may serve one client (CAN_MULTI_CONN).
+    pub multi_conn: bool,
+}
+
+impl NbdExportInfo {
+    /// Transmission flags for this export.
+    pub fn flags(&self) -> u16 {
+        let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_CACHE;
+        if self.writable && !self.node.read_only() {
+            f |= tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES;
+        } else {
+            f |= tflag::READ_ONLY;
+        }
+        if self.multi_conn {
+            f |= tflag::CAN_MULTI_CONN;
+        }
+        f
+    }
+}
+
+/// How the handshake ended.
+pub enum Handshake {
+    /// The client chose this export: go to transmission.
+    Export(String, NbdExportInfo),
+    /// The client aborted or went away (or sent something that ends it).
+    Closed,
+}
+
+fn read_exact(s: &mut impl Read, n: usize) -> io::Result<Vec<u8>> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Runs the fixed newstyle handshake on `s` against `exports`. Errors
+/// are I/O errors or protocol violations; either way the caller drops
+/// the connection.
+pub fn handshake(
+    s: &mut (impl Read + Write),
+    exports: &HashMap<String, NbdExportInfo>,
+) -> io::Result<Handshake> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut out = Vec::with_capacity(18);
+    out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&out)?;
+    let cflags = be32(&read_exact(s, 4)?);
+    if cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(bad("unknown client flags"));
+    }
+    let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+    loop {
+        let h = read_exact(s, 16)?;
+        let magic = u64::from_be_bytes(h[..8].try_into().unwrap_or_default());
+        if magic != IHAVEOPT {
+            return Err(bad("bad option magic"));
+        }
+        let option = be32(&h[8..12]);
+        let len = be32(&h[12..16]);
+        if len > MAX_OPTION {
+            // Skip it, then refuse it: the stream stays in step.
+            io::copy(&mut (&mut *s).take(u64::from(len)), &mut io::sink())?;
+            let mut r = Vec::new();
+            option_reply(&mut r, option, rep::ERR_TOO_BIG, b"option too long");
+            s.write_all(&r)?;
+            continue;
+        }
+        let data = read_exact(s, len as usize)?;
+        let mut r = Vec::new();
+        match option {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(e) = find(exports, &name) else {
+                    // The protocol has no way to refuse EXPORT_NAME.
+                    return Ok(Handshake::Closed);
+                };
+                r.extend_from_slice(&e.node.capacity().to_be_bytes());
+                r.extend_from_slice(&e.flags().to_be_bytes());
+                if !no_zeroes {
+                    r.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&r)?;
+                return Ok(Handshake::Export(name, e.clone()));
+            }
+            opt::ABORT => {
+                option_reply(&mut r, option, rep::ACK, &[]);
+                let _ = s.write_all(&r);
+                return Ok(Handshake::Closed);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    option_reply(&mut r, option, rep::ERR_INVALID, b"LIST takes no data");
+                } else {
+                    let mut names: Vec<&String> = exports.keys().collect();
+                    names.sort();
+                    for n in names {
+                        let mut d = (n.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(n.as_bytes());
+                        if let Some(desc) = &exports[n].description {
+                            d.extend_from_slice(desc.as_bytes());
+                        }
+                        option_reply(&mut r, option, rep::SERVER, &d);
+                    }
+                    option_reply(&mut r, option, rep::ACK, &[]);
+                }
+            }
+            opt::INFO | opt::GO => match info_reply(&mut r, option, &data, exports) {
+                Some((name, e)) if option == opt::GO => {
+                    s.write_all(&r)?;
+                    return Ok(Handshake::Export(name, e));
+                }
+                _ => {}
+            },
+            _ => option_reply(&mut r, option, rep::ERR_UNSUP, b"option not supported"),
+        }
+        s.write_all(&r)?;
+    }
+}
+
+/// An export by name; the empty name is the only export when there is one.
+fn find<'a>(exports: &'a HashMap<String, NbdExportInfo>, name: &str) -> Option<&'a NbdExportInfo> {
+    match exports.get(name) {
+        Some(e) => Some(e),
+        None if name.is_empty() && exports.len() == 1 => exports.values().next(),
+        None => None,
+    }
+}
+
+/// Answers NBD_OPT_INFO/GO into `r`; returns the export when it is one.
+fn info_reply(
+    r: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    exports: &HashMap<String, NbdExportInfo>,
+) -> Option<(String, NbdExportInfo)> {
+    let parsed = (|| {
+        let n = be32(data.get(..4)?) as usize;
+        let name = data.get(4..4 + n)?;
+        let count = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
+        let reqs = data.get(6 + n..)?;
+        if reqs.len() != 2 * count {
+            return None;
+        }
+        let infos: Vec<u16> = reqs
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        Some((String::from_utf8_lossy(name).into_owned(), infos))
+    })();
+    let Some((name, infos)) = parsed else {
+        option_reply(r, option, rep::ERR_INVALID, b"malformed INFO/GO request");
+        return None;
+    };
+    let Some(e) = find(exports, &name) else {
+        option_reply(
+            r,
+            option,
+            rep::ERR_UNKNOWN,
+            format!("export '{name}' not present").as_bytes(),
+        );
+        return None;
+    };
+    let mut d = info::EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&e.node.capacity().to_be_bytes());
+    d.extend_from_slice(&e.flags().to_be_bytes());
+    option_reply(r, option, rep::INFO, &d);
+    for i in infos {
+        match i {
+            info::NAME => {
+                let mut d = info::NAME.to_be_bytes().to_vec();
+                d.extend_from_slice(name.as_bytes());
+                option_reply(r, option, rep::INFO, &d);
+            }
+            info::DESCRIPTION => {
+                if let Some(desc) = &e.description {
+                    let mut d = info::DESCRIPTION.to_be_bytes().to_vec();
+                    d.extend_from_slice(desc.as_bytes());
+                    option_reply(r, option, rep::INFO, &d);
+                }
+            }
+            info::BLOCK_SIZE => {
+                let mut d = info::BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&1u32.to_be_bytes());
+                d.extend_from_slice(&4096u32.to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                option_reply(r, option, rep::INFO, &d);
+            }
+            _ => {}
+        }
+    }
+    option_reply(r, option, rep::ACK, &[]);
+    Some((name, e.clone()))
+}
+
+/// Requests in flight per connection before it stops reading.
+const MAX_IN_FLIGHT: usize = 256;
+
+struct Pending {
+    cookie: u64,
+    /// READ's data buffer (its reply carries it).
+    read: Option<Vec<u8>>,
+    /// WRITE's payload, kept until the node is done with it.
+    _write: Option<Vec<u8>>,
+}
+
+/// What the event loop should watch next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    /// Read the socket.
+    pub read: bool,
+    /// Write the socket (replies are waiting).
+    pub write: bool,
+}
+
+/// One connection in the transmission phase.
+pub struct NbdConnection {
+    info: NbdExportInfo,
+    queue: Box<dyn NodeQueue>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    out_pos: usize,
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    done: Vec<Completion>,
+    disconnecting: bool,
+    closed: bool,
+}
+
+impl NbdConnection {
+    /// A connection serving `info` through its own node `queue`.
+    pub fn new(info: NbdExportInfo, queue: Box<dyn NodeQueue>) -> Self {
+        NbdConnection {
+            info,
+            queue,
+            input: Vec::with_capacity(64 << 10),
+            output: Vec::with_capacity(64 << 10),
+            out_pos: 0,
+            slots: Vec::new(),
+            free: Vec::new(),
+            done: Vec::new(),
+            disconnecting: false,
+            closed: false,
+        }
+    }
+
+    /// The node queue's completion fd.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.queue.completion_fd()
+    }
+
+    /// Requests the node has not finished.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether the connection is over (client gone, protocol error, or
+    /// NBD_CMD_DISC with everything answered).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// What to watch.
+    pub fn interest(&self) -> Interest {
+        Interest {
+            read: !self.closed && !self.disconnecting && self.in_flight() < MAX_IN_FLIGHT,
+            write: self.out_pos < self.output.len(),
+        }
+    }
+
+    /// Reads what the socket has, starts every whole request.
+    pub fn on_readable(&mut self, sock: &mut impl Read) {
+        let mut buf = [0u8; 64 << 10];
+        loop {
+            if !self.interest().read {
+                break;
+            }
+            match sock.read(&mut buf) {
+                Ok(0) => {
+                    self.closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.input.extend_from_slice(&buf[..n]);
+                    self.parse();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.closed = true;
+                    break;
+                }
+            }
+        }
+        self.queue.kick();
+    }
+
+    /// Starts the whole requests in the input buffer.
+    fn parse(&mut self) {
+        let mut at = 0;
+        while !self.closed && !self.disconnecting {
+            let rest = &self.input[at..];
+            let Some(h) = rest.get(..REQUEST_LEN) else {
+                break;
+            };
+            let mut hb = [0u8; REQUEST_LEN];
+            hb.copy_from_slice(h);
+            let Ok(h) = RequestHeader::parse(&hb) else {
+                self.closed = true;
+                break;
+            };
+            if h.kind == cmd::WRITE && h.length > MAX_PAYLOAD {
+                // Too big to buffer: the stream cannot go on.
+                self.closed = true;
+                break;
+            }
+            let need = REQUEST_LEN + h.payload_len();
+            if rest.len() < need {
+                break;
+            }
+            let payload = rest[REQUEST_LEN..need].to_vec();
+            at += need;
+            self.start(h, payload);
+        }
+        self.input.drain(..at);
+    }
+
+    fn reply_error(&mut self, cookie: u64, error: u32) {
+        simple_reply(&mut self.output, error, cookie);
+    }
+
+    fn slot(&mut self, p: Pending) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(p);
+                i
+            }
+            None => {
+                self.slots.push(Some(p));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn start(&mut self, h: RequestHeader, payload: Vec<u8>) {
+        let cap = self.info.node.capacity();
+        let writable = self.info.writable && !self.info.node.read_only();
+        let end = h.offset.checked_add(u64::from(h.length));
+        let modifies = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        match h.kind {
+            cmd::DISC => {
+                self.disconnecting = true;
+                return;
+            }
+            cmd::FLUSH => {}
+            cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE => {
+                if modifies && !writable {
+                    return self.reply_error(h.cookie, err::EPERM);
+                }
+                if end.is_none_or(|e| e > cap) {
+                    let e = if modifies { err::ENOSPC } else { err::EINVAL };
+                    return self.reply_error(h.cookie, e);
+                }
+                if h.kind == cmd::READ && h.length > MAX_PAYLOAD {
+                    return self.reply_error(h.cookie, err::EOVERFLOW);
+                }
+            }
+            _ => return self.reply_error(h.cookie, err::EINVAL),
+        }
+        if h.kind == cmd::CACHE || (h.length == 0 && h.kind != cmd::FLUSH) {
+            // Nothing to do (CACHE is advisory).
+            return simple_reply(&mut self.output, 0, h.cookie);
+        }
+        let fua = h.flags & cflag::FUA != 0;
+        let (req, pending) = match h.kind {
+            cmd::READ => {
+                let mut buf = vec![0u8; h.length as usize];
+                let iov = vec![libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: the iovec points at `buf`, which the pending
+                // slot keeps (a Vec's heap buffer does not move) until
+                // the node completes the request.
+                let req = unsafe { Request::read(h.offset, iov) };
+                (
+                    req,
+                    Pending {
+                        cookie: h.cookie,
+                        read: Some(buf),
+                        _write: None,
+                    },
+                )
+            }
+            cmd::WRITE => {
+                let mut buf = payload;
+                let iov = vec![libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: as for READ; the slot keeps the payload.
+                let req = unsafe { Request::write(h.offset, iov, fua) };
+                (
+                    req,
+                    Pending {
+                        cookie: h.cookie,
+                        read: None,
+                        _write: Some(buf),
+                    },
+                )
+            }
+            cmd::TRIM => (
+                Request::discard(h.offset, u64::from(h.length)),
+                Pending {
+                    cookie: h.cookie,
+                    read: None,
+                    _write: None,
+                },
+            ),
+            cmd::WRITE_ZEROES => (
+                Request::write_zeroes(h.offset, u64::from(h.length), h.flags & cflag::NO_HOLE == 0),
+                Pending {
+                    cookie: h.cookie,
+                    read: None,
+                    _write: None,
+                },
+            ),
+            _ => (
+                Request::flush(),
+                Pending {
+                    cookie: h.cookie,
+                    read: None,
+                    _write: None,
+                },
+            ),
+        };
+        let idx = self.slot(pending);
+        if let Err(e) = self.queue.submit(req.with_user_data(idx as u64)) {
+            self.slots[idx] = None;
+            self.free.push(idx);
+            self.reply_error(h.cookie, err::from_errno(e.error.errno()));
+        }
+    }
+
+    /// Takes what the node finished and queues the replies.
+    pub fn on_completions(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        self.queue.poll_completions(&mut done);
+        for c in done.drain(..) {
+            let idx = c.request.user_data as usize;
+            let Some(p) = self.slots.get_mut(idx).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(idx);
+            match (c.result, p.read) {
+                (Ok(_), Some(buf)) => {
+                    simple_reply(&mut self.output, 0, p.cookie);
+                    self.output.extend_from_slice(&buf);
+                }
+                (Ok(_), None) => simple_reply(&mut self.output, 0, p.cookie),
+                (Err(e), _) => simple_reply(&mut self.output, err::from_errno(e.errno()), p.cookie),
+            }
+        }
+        self.done = done;
+    }
+
+    /// Writes queued replies; ends a disconnecting connection once all
+    /// is answered.
+    pub fn on_writable(&mut self, sock: &mut impl Write) {
+        while self.out_pos < self.output.len() {
+            match sock.write(&self.output[self.out_pos..]) {
+                Ok(0) => {
+                    self.closed = true;
+                    break;
+                }
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.closed = true;
+                    break;
+                }
+            }
+        }
+        if self.out_pos == self.output.len() {
+            self.output.clear();
+            self.out_pos = 0;
+            if self.disconnecting && self.in_flight() == 0 {
+                self.closed = true;
+            }
+        }
+    }
+
+    /// Waits for what is in flight and drops the results (the connection
+    /// is going away; the node must not write into freed buffers).
+    pub fn abandon(&mut self) {
+        let mut done = Vec::new();
+        while self.in_flight() > 0 && self.queue.in_flight() > 0 {
+            self.queue.wait_completions(1, &mut done);
+            for c in done.drain(..) {
+                let idx = c.request.user_data as usize;
+                if self.slots.get_mut(idx).and_then(Option::take).is_some() {
+                    self.free.push(idx);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NbdConnection {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
