@@ -32,6 +32,6 @@ pub use error::BlockError;
 pub use graph::BlockGraph;
 pub use limits::BlockLimits;
 pub use memory::{MemoryRegion, RamRegistrar, RegionId};
-pub use node::{BlockNode, NodeOptions, NodeQueue};
+pub use node::{BlockNode, BlockStatus, NodeOptions, NodeQueue};
 pub use request::{Completion, Request, RequestError, RequestFlags, RequestOp, SubmitError};
 pub use stats::{NodeStats, NodeStatsSnapshot, OpStatsSnapshot};

@@ -62,6 +62,26 @@ pub trait BlockNode: Send + Sync {
     fn stats(&self) -> &NodeStats;
     /// Open a data-plane queue for one thread.
     fn open_queue(&self) -> Result<Box<dyn NodeQueue>, BlockError>;
+
+    /// What the range from `offset` (below the capacity) holds, for at
+    /// least 1 and at most `len` bytes: returns that length and its
+    /// status (QEMU's `bdrv_block_status`, NBD's `base:allocation`). A
+    /// blocking query (`lseek` on files). By default everything is data.
+    fn block_status(&self, offset: u64, len: u64) -> Result<(u64, BlockStatus), BlockError> {
+        let _ = offset;
+        Ok((len.max(1), BlockStatus::Data))
+    }
+}
+
+/// What a range of a node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Allocated data (or unknown).
+    Data,
+    /// Reads as zeroes and takes no space (a hole).
+    Hole,
+    /// Reads as zeroes, allocated.
+    Zero,
 }
 
 /// The data plane of a node for one thread. Not shared: the thread that owns

@@ -75,6 +75,19 @@ impl BlockNode for NullNode {
             ..BlockLimits::default()
         }
     }
+    fn block_status(
+        &self,
+        _offset: u64,
+        len: u64,
+    ) -> Result<(u64, crate::BlockStatus), BlockError> {
+        // With read-zeroes the node reads zeroes and holds nothing.
+        let st = if self.read_zeroes {
+            crate::BlockStatus::Hole
+        } else {
+            crate::BlockStatus::Data
+        };
+        Ok((len.max(1), st))
+    }
     fn read_only(&self) -> bool {
         self.common.read_only
     }

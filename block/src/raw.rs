@@ -77,6 +77,11 @@ impl BlockNode for RawNode {
     fn limits(&self) -> BlockLimits {
         self.child.limits()
     }
+    fn block_status(&self, offset: u64, len: u64) -> Result<(u64, crate::BlockStatus), BlockError> {
+        let cap = self.capacity();
+        let len = len.min(cap.saturating_sub(offset)).max(1);
+        self.child.block_status(self.offset + offset, len)
+    }
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
         if self.size.is_some() {
             return Err(BlockError::Invalid(

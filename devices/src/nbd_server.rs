@@ -297,8 +297,8 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
         .iter()
         .map(|(k, v)| (k.clone(), v.info.clone()))
         .collect();
-    let (name, info) = match handshake(&mut stream, &offered) {
-        Ok(Handshake::Export(name, info)) => (name, info),
+    let (name, info, neg) = match handshake(&mut stream, &offered) {
+        Ok(Handshake::Export(name, info, neg)) => (name, info, neg),
         Ok(Handshake::Closed) => return false,
         Err(e) => {
             if e.kind() != io::ErrorKind::UnexpectedEof {
@@ -323,7 +323,7 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
     };
     let ended = Arc::new(AtomicBool::new(false));
     let worker = NbdWorker {
-        conn: Some(NbdConnection::new(info, queue)),
+        conn: Some(NbdConnection::new(info, neg, queue)),
         stream,
         watching: Interest {
             read: true,

@@ -62,8 +62,11 @@ fuzz_target!(|data: &[u8]| {
         input: Cursor::new(hs),
         out: 0,
     };
-    let _ = handshake(&mut s, &exports).map(|h| matches!(h, Handshake::Export(..)));
-    let mut conn = NbdConnection::new(info, node.open_queue().unwrap());
+    let neg = match handshake(&mut s, &exports) {
+        Ok(Handshake::Export(_, _, n)) => n,
+        _ => Default::default(),
+    };
+    let mut conn = NbdConnection::new(info, neg, node.open_queue().unwrap());
     // Arbitrary splits of the stream.
     for chunk in rest.chunks(usize::from(data[0]).max(1)) {
         let mut m = Mem {

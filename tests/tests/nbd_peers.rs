@@ -300,6 +300,9 @@ fn bad_requests_get_errors_or_the_door_and_the_server_goes_on() -> Result<()> {
         e == 0 && cookie == 5 && data == before[8192..8704],
         "read after errors"
     );
+    // BLOCK_STATUS without base:allocation negotiated: EINVAL.
+    c.request(7, 9, 0, 4096, &[])?;
+    ensure!(c.reply(0)?.0 == 22, "unnegotiated BLOCK_STATUS not EINVAL");
     // A bad magic ends the connection.
     c.0.write_all(&[0xde; 28])?;
     ensure!(c.closed(), "garbage did not end the connection");
@@ -345,6 +348,56 @@ fn bad_requests_get_errors_or_the_door_and_the_server_goes_on() -> Result<()> {
     ensure!(
         std::fs::read(&img)? == before,
         "the read-only image changed"
+    );
+    Ok(())
+}
+
+/// `base:allocation` over structured replies: `qemu-img map` through our
+/// export shows the image's holes and data where `qemu-img map` of the
+/// file itself does, and `nbdinfo --map` agrees.
+#[test]
+fn block_status_maps_the_images_holes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("sparse.img");
+    std::fs::File::create(&img)?.set_len(64 << 20)?;
+    // Data at 8-10 MiB and 40-41 MiB; holes elsewhere.
+    for (at, mib) in [(8u64, 2usize), (40, 1)] {
+        let f = std::fs::File::options().write(true).open(&img)?;
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x5a; mib << 20], at << 20)?;
+    }
+    let sock = dir.path().join("nbd.sock");
+    let _d = daemon(&img, &sock, false)?;
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let map = |target: &str| -> Result<Vec<(u64, u64, bool)>> {
+        let out =
+            run(Command::new("qemu-img").args(["map", "-f", "raw", "--output=json", target]))?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array()
+            .context("qemu-img map: not a list")?
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap_or(0),
+                    e["length"].as_u64().unwrap_or(0),
+                    e["data"].as_bool().unwrap_or(true),
+                )
+            })
+            .collect())
+    };
+    let over_nbd = map(&uri)?;
+    let direct = map(&img.display().to_string())?;
+    ensure!(
+        over_nbd == direct,
+        "qemu-img map over NBD {over_nbd:?}\n  of the file {direct:?}"
+    );
+    ensure!(
+        over_nbd.contains(&(8 << 20, 2 << 20, true)) && over_nbd.iter().any(|e| !e.2),
+        "no holes or no data seen: {over_nbd:?}"
+    );
+    let nbd_map = run(Command::new("nbdinfo").args(["--map", &uri]))?;
+    ensure!(
+        nbd_map.contains("hole,zero") && nbd_map.contains("data"),
+        "nbdinfo --map: {nbd_map}"
     );
     Ok(())
 }

@@ -190,6 +190,34 @@ impl BlockNode for FileNode {
     fn limits(&self) -> BlockLimits {
         self.inner.limits
     }
+    fn block_status(&self, offset: u64, len: u64) -> Result<(u64, crate::BlockStatus), BlockError> {
+        let len = len.max(1);
+        if self.inner.is_blockdev {
+            return Ok((len, crate::BlockStatus::Data));
+        }
+        let fd = self.inner.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek on our open fd touches no memory.
+            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        // SEEK_DATA from a hole lands on the next data (ENXIO: none up to
+        // the end); from data it stays, and SEEK_HOLE says where it ends.
+        match seek(libc::SEEK_DATA) {
+            Ok(d) if d > offset => Ok(((d - offset).min(len), crate::BlockStatus::Hole)),
+            Ok(_) => match seek(libc::SEEK_HOLE) {
+                Ok(h) if h > offset => Ok(((h - offset).min(len), crate::BlockStatus::Data)),
+                _ => Ok((len, crate::BlockStatus::Data)),
+            },
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((len, crate::BlockStatus::Hole)),
+            // No SEEK_DATA here: all data.
+            Err(_) => Ok((len, crate::BlockStatus::Data)),
+        }
+    }
     fn truncate(&self, size: u64) -> Result<(), BlockError> {
         if self.common.read_only {
             return Err(BlockError::Invalid(format!(

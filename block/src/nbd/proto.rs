@@ -13,6 +13,34 @@ pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Simple reply magic.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Structured reply chunk magic.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// The one metadata context served.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Its id on every connection.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Structured reply chunk types and flags.
+pub mod chunk {
+    /// NBD_REPLY_FLAG_DONE.
+    pub const FLAG_DONE: u16 = 1;
+    /// NBD_REPLY_TYPE_NONE.
+    pub const NONE: u16 = 0;
+    /// NBD_REPLY_TYPE_OFFSET_DATA.
+    pub const OFFSET_DATA: u16 = 1;
+    /// NBD_REPLY_TYPE_BLOCK_STATUS.
+    pub const BLOCK_STATUS: u16 = 5;
+    /// NBD_REPLY_TYPE_ERROR.
+    pub const ERROR: u16 = (1 << 15) + 1;
+}
+
+/// base:allocation flags.
+pub mod state {
+    /// NBD_STATE_HOLE.
+    pub const HOLE: u32 = 1;
+    /// NBD_STATE_ZERO.
+    pub const ZERO: u32 = 2;
+}
 
 /// Handshake flags (server).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -55,6 +83,8 @@ pub mod rep {
     pub const SERVER: u32 = 2;
     /// NBD_REP_INFO.
     pub const INFO: u32 = 3;
+    /// NBD_REP_META_CONTEXT.
+    pub const META_CONTEXT: u32 = 4;
     const ERR: u32 = 1 << 31;
     /// NBD_REP_ERR_UNSUP.
     pub const ERR_UNSUP: u32 = ERR | 1;
@@ -116,6 +146,8 @@ pub mod cmd {
     pub const CACHE: u16 = 5;
     /// NBD_CMD_WRITE_ZEROES.
     pub const WRITE_ZEROES: u16 = 6;
+    /// NBD_CMD_BLOCK_STATUS.
+    pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Command flags.
@@ -124,6 +156,8 @@ pub mod cflag {
     pub const FUA: u16 = 1 << 0;
     /// NBD_CMD_FLAG_NO_HOLE.
     pub const NO_HOLE: u16 = 1 << 1;
+    /// NBD_CMD_FLAG_REQ_ONE.
+    pub const REQ_ONE: u16 = 1 << 3;
 }
 
 /// Error values of replies (the protocol's errno subset).
@@ -222,6 +256,23 @@ pub fn simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
     out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&cookie.to_be_bytes());
+}
+
+/// Appends a structured reply chunk header to `out` (its payload of
+/// `len` bytes follows).
+pub fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Appends a final error chunk to `out`.
+pub fn error_chunk(out: &mut Vec<u8>, error: u32, cookie: u64) {
+    chunk_header(out, chunk::FLAG_DONE, chunk::ERROR, cookie, 6);
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
 }
 
 /// Appends an option reply to `out`.

@@ -46,10 +46,19 @@ impl NbdExportInfo {
     }
 }
 
+/// What the handshake settled besides the export.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// NBD_OPT_STRUCTURED_REPLY: READ answers in chunks.
+    pub structured: bool,
+    /// `base:allocation` was selected (NBD_OPT_SET_META_CONTEXT).
+    pub base_allocation: bool,
+}
+
 /// How the handshake ended.
 pub enum Handshake {
     /// The client chose this export: go to transmission.
-    Export(String, NbdExportInfo),
+    Export(String, NbdExportInfo, Negotiated),
     /// The client aborted or went away (or sent something that ends it).
     Closed,
 }
@@ -82,6 +91,7 @@ pub fn handshake(
         return Err(bad("unknown client flags"));
     }
     let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
+    let mut neg = Negotiated::default();
     loop {
         let h = read_exact(s, 16)?;
         let magic = u64::from_be_bytes(h[..8].try_into().unwrap_or_default());
@@ -113,7 +123,7 @@ pub fn handshake(
                     r.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&r)?;
-                return Ok(Handshake::Export(name, e.clone()));
+                return Ok(Handshake::Export(name, e.clone(), neg));
             }
             opt::ABORT => {
                 option_reply(&mut r, option, rep::ACK, &[]);
@@ -140,14 +150,76 @@ pub fn handshake(
             opt::INFO | opt::GO => match info_reply(&mut r, option, &data, exports) {
                 Some((name, e)) if option == opt::GO => {
                     s.write_all(&r)?;
-                    return Ok(Handshake::Export(name, e));
+                    return Ok(Handshake::Export(name, e, neg));
                 }
                 _ => {}
             },
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    option_reply(&mut r, option, rep::ERR_INVALID, b"takes no data");
+                } else {
+                    neg.structured = true;
+                    option_reply(&mut r, option, rep::ACK, &[]);
+                }
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                if set && !neg.structured {
+                    option_reply(
+                        &mut r,
+                        option,
+                        rep::ERR_INVALID,
+                        b"structured replies first",
+                    );
+                } else {
+                    match meta_queries(&data) {
+                        None => {
+                            option_reply(&mut r, option, rep::ERR_INVALID, b"malformed request")
+                        }
+                        Some((name, _)) if find(exports, &name).is_none() => option_reply(
+                            &mut r,
+                            option,
+                            rep::ERR_UNKNOWN,
+                            format!("export '{name}' not present").as_bytes(),
+                        ),
+                        Some((_, queries)) => {
+                            // LIST with no query lists everything.
+                            let wanted = queries
+                                .iter()
+                                .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+                                || (!set && queries.is_empty());
+                            if set {
+                                neg.base_allocation = wanted;
+                            }
+                            if wanted {
+                                let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                                d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                                option_reply(&mut r, option, rep::META_CONTEXT, &d);
+                            }
+                            option_reply(&mut r, option, rep::ACK, &[]);
+                        }
+                    }
+                }
+            }
             _ => option_reply(&mut r, option, rep::ERR_UNSUP, b"option not supported"),
         }
         s.write_all(&r)?;
     }
+}
+
+/// A LIST/SET_META_CONTEXT request: the export name and the queries.
+fn meta_queries(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let n = be32(data.get(..4)?) as usize;
+    let name = String::from_utf8_lossy(data.get(4..4 + n)?).into_owned();
+    let count = be32(data.get(4 + n..8 + n)?) as usize;
+    let mut at = 8 + n;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let l = be32(data.get(at..at + 4)?) as usize;
+        out.push(String::from_utf8_lossy(data.get(at + 4..at + 4 + l)?).into_owned());
+        at += 4 + l;
+    }
+    (at == data.len()).then_some((name, out))
 }
 
 /// An export by name; the empty name is the only export when there is one.
@@ -230,6 +302,8 @@ const MAX_IN_FLIGHT: usize = 256;
 
 struct Pending {
     cookie: u64,
+    /// READ's offset (its structured reply chunk carries it).
+    offset: u64,
     /// READ's data buffer (its reply carries it).
     read: Option<Vec<u8>>,
     /// WRITE's payload, kept until the node is done with it.
@@ -248,6 +322,7 @@ pub struct Interest {
 /// One connection in the transmission phase.
 pub struct NbdConnection {
     info: NbdExportInfo,
+    neg: Negotiated,
     queue: Box<dyn NodeQueue>,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -261,9 +336,10 @@ pub struct NbdConnection {
 
 impl NbdConnection {
     /// A connection serving `info` through its own node `queue`.
-    pub fn new(info: NbdExportInfo, queue: Box<dyn NodeQueue>) -> Self {
+    pub fn new(info: NbdExportInfo, neg: Negotiated, queue: Box<dyn NodeQueue>) -> Self {
         NbdConnection {
             info,
+            neg,
             queue,
             input: Vec::with_capacity(64 << 10),
             output: Vec::with_capacity(64 << 10),
@@ -358,7 +434,49 @@ impl NbdConnection {
     }
 
     fn reply_error(&mut self, cookie: u64, error: u32) {
-        simple_reply(&mut self.output, error, cookie);
+        if self.neg.structured {
+            error_chunk(&mut self.output, error, cookie);
+        } else {
+            simple_reply(&mut self.output, error, cookie);
+        }
+    }
+
+    /// Answers BLOCK_STATUS at once (a blocking query of the node, as
+    /// QEMU's is): base:allocation descriptors covering the range, or the
+    /// first one with REQ_ONE.
+    fn block_status(&mut self, h: RequestHeader) {
+        /// Descriptors per reply, at most.
+        const MAX_EXTENTS: usize = 2048;
+        let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        let (mut at, end) = (h.offset, h.offset + u64::from(h.length));
+        let mut n = 0;
+        while at < end && n < MAX_EXTENTS {
+            let (len, st) = match self.info.node.block_status(at, end - at) {
+                Ok(x) => x,
+                Err(_) => return self.reply_error(h.cookie, err::EIO),
+            };
+            let len = len.clamp(1, end - at);
+            let flags = match st {
+                crate::BlockStatus::Data => 0,
+                crate::BlockStatus::Zero => state::ZERO,
+                crate::BlockStatus::Hole => state::HOLE | state::ZERO,
+            };
+            d.extend_from_slice(&(len as u32).to_be_bytes());
+            d.extend_from_slice(&flags.to_be_bytes());
+            at += len;
+            n += 1;
+            if h.flags & cflag::REQ_ONE != 0 {
+                break;
+            }
+        }
+        chunk_header(
+            &mut self.output,
+            chunk::FLAG_DONE,
+            chunk::BLOCK_STATUS,
+            h.cookie,
+            d.len() as u32,
+        );
+        self.output.extend_from_slice(&d);
     }
 
     fn slot(&mut self, p: Pending) -> usize {
@@ -385,7 +503,12 @@ impl NbdConnection {
                 return;
             }
             cmd::FLUSH => {}
-            cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE => {
+            cmd::READ
+            | cmd::WRITE
+            | cmd::TRIM
+            | cmd::WRITE_ZEROES
+            | cmd::CACHE
+            | cmd::BLOCK_STATUS => {
                 if modifies && !writable {
                     return self.reply_error(h.cookie, err::EPERM);
                 }
@@ -398,6 +521,12 @@ impl NbdConnection {
                 }
             }
             _ => return self.reply_error(h.cookie, err::EINVAL),
+        }
+        if h.kind == cmd::BLOCK_STATUS {
+            if !self.neg.base_allocation || h.length == 0 {
+                return self.reply_error(h.cookie, err::EINVAL);
+            }
+            return self.block_status(h);
         }
         if h.kind == cmd::CACHE || (h.length == 0 && h.kind != cmd::FLUSH) {
             // Nothing to do (CACHE is advisory).
@@ -419,6 +548,7 @@ impl NbdConnection {
                     req,
                     Pending {
                         cookie: h.cookie,
+                        offset: h.offset,
                         read: Some(buf),
                         _write: None,
                     },
@@ -436,6 +566,7 @@ impl NbdConnection {
                     req,
                     Pending {
                         cookie: h.cookie,
+                        offset: h.offset,
                         read: None,
                         _write: Some(buf),
                     },
@@ -445,6 +576,7 @@ impl NbdConnection {
                 Request::discard(h.offset, u64::from(h.length)),
                 Pending {
                     cookie: h.cookie,
+                    offset: h.offset,
                     read: None,
                     _write: None,
                 },
@@ -453,6 +585,7 @@ impl NbdConnection {
                 Request::write_zeroes(h.offset, u64::from(h.length), h.flags & cflag::NO_HOLE == 0),
                 Pending {
                     cookie: h.cookie,
+                    offset: h.offset,
                     read: None,
                     _write: None,
                 },
@@ -461,6 +594,7 @@ impl NbdConnection {
                 Request::flush(),
                 Pending {
                     cookie: h.cookie,
+                    offset: h.offset,
                     read: None,
                     _write: None,
                 },
@@ -485,12 +619,23 @@ impl NbdConnection {
             };
             self.free.push(idx);
             match (c.result, p.read) {
+                (Ok(_), Some(buf)) if self.neg.structured => {
+                    chunk_header(
+                        &mut self.output,
+                        chunk::FLAG_DONE,
+                        chunk::OFFSET_DATA,
+                        p.cookie,
+                        8 + buf.len() as u32,
+                    );
+                    self.output.extend_from_slice(&p.offset.to_be_bytes());
+                    self.output.extend_from_slice(&buf);
+                }
                 (Ok(_), Some(buf)) => {
                     simple_reply(&mut self.output, 0, p.cookie);
                     self.output.extend_from_slice(&buf);
                 }
                 (Ok(_), None) => simple_reply(&mut self.output, 0, p.cookie),
-                (Err(e), _) => simple_reply(&mut self.output, err::from_errno(e.errno()), p.cookie),
+                (Err(e), _) => self.reply_error(p.cookie, err::from_errno(e.errno())),
             }
         }
         self.done = done;
