@@ -56,6 +56,14 @@ impl<T: Any + Send> AsAny for T {
 /// offer busy-poll hooks (QEMU's `io_poll`, `io_poll_begin`,
 /// `io_poll_end`).
 pub trait IoSubscriber: MutEventSubscriber + Send + AsAny {
+    /// Whether the subscriber has poll hooks. A thread whose subscribers
+    /// have none never busy-polls (QEMU polls only handlers with
+    /// `io_poll`): spinning there would find nothing and take a CPU from
+    /// whoever would send the next event.
+    fn pollable(&self) -> bool {
+        true
+    }
+
     /// The thread starts polling: notifications the poll makes redundant
     /// (the driver's kicks) may be turned off until [`IoSubscriber::poll_end`].
     fn poll_begin(&mut self) {}
@@ -227,10 +235,13 @@ impl IoThread {
     /// Must not be called from the IOThread itself.
     pub fn add(&self, sub: Sub) -> Result<SubscriberId, IoThreadError> {
         let polls = self.polls.clone();
+        let pollable = sub.pollable();
         self.endpoint
             .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
                 let id = ops.add_subscriber(sub);
-                polls.edit(|v| v.push(id));
+                if pollable {
+                    polls.edit(|v| v.push(id));
+                }
                 Ok(id)
             })
             .map_err(|_| IoThreadError::Gone(self.id.clone()))
@@ -326,7 +337,7 @@ impl Loop {
             }
             let start = Instant::now();
             self.poll.begin_wait();
-            let mut found_at = if self.poll.ns() > 0 {
+            let mut found_at = if self.poll.ns() > 0 && !self.ids.is_empty() {
                 self.busy_poll(start)
             } else {
                 None

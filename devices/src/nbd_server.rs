@@ -428,7 +428,12 @@ impl MutEventSubscriber for NbdWorker {
     }
 }
 
-impl IoSubscriber for NbdWorker {}
+impl IoSubscriber for NbdWorker {
+    // Sockets are not polled (nor are they in QEMU's NBD server).
+    fn pollable(&self) -> bool {
+        false
+    }
+}
 
 impl Drop for NbdWorker {
     fn drop(&mut self) {

@@ -421,6 +421,8 @@ fn fio_nbd_engine_writes_and_verifies() -> Result<()> {
         "--iodepth=16",
         "--verify=crc32c",
         "--do_verify=1",
+        // No verify state file left in the working directory.
+        "--verify_state_save=0",
         "--output-format=json",
     ]))?;
     let json = &out[out.find('{').context("no JSON from fio")?..];

@@ -391,6 +391,11 @@ impl NbdConnection {
                 Ok(n) => {
                     self.input.extend_from_slice(&buf[..n]);
                     self.parse();
+                    if n < buf.len() {
+                        // A short read took what there was: save the
+                        // read that would say EAGAIN.
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -401,6 +406,9 @@ impl NbdConnection {
             }
         }
         self.queue.kick();
+        // What the node finished inline (null-co, a cache hit) is answered
+        // in this round, not after a trip through the completion fd.
+        self.on_completions();
     }
 
     /// Starts the whole requests in the input buffer.
