@@ -330,6 +330,8 @@ pub struct NbdConnection {
     slots: Vec<Option<Pending>>,
     free: Vec<usize>,
     done: Vec<Completion>,
+    /// READ buffers to reuse (no allocation, no zeroing when warm).
+    spare: Vec<Vec<u8>>,
     disconnecting: bool,
     closed: bool,
 }
@@ -347,6 +349,7 @@ impl NbdConnection {
             slots: Vec::new(),
             free: Vec::new(),
             done: Vec::new(),
+            spare: Vec::new(),
             disconnecting: false,
             closed: false,
         }
@@ -405,10 +408,11 @@ impl NbdConnection {
                 }
             }
         }
-        self.queue.kick();
-        // What the node finished inline (null-co, a cache hit) is answered
-        // in this round, not after a trip through the completion fd.
+        // What the node finished inline (null-co, a cache hit) is taken
+        // before the kick, which then has nothing to signal: answered in
+        // this round, without a trip through the completion fd.
         self.on_completions();
+        self.queue.kick();
     }
 
     /// Starts the whole requests in the input buffer.
@@ -543,7 +547,8 @@ impl NbdConnection {
         let fua = h.flags & cflag::FUA != 0;
         let (req, pending) = match h.kind {
             cmd::READ => {
-                let mut buf = vec![0u8; h.length as usize];
+                let mut buf = self.spare.pop().unwrap_or_default();
+                buf.resize(h.length as usize, 0);
                 let iov = vec![libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
                     iov_len: buf.len(),
@@ -637,16 +642,30 @@ impl NbdConnection {
                     );
                     self.output.extend_from_slice(&p.offset.to_be_bytes());
                     self.output.extend_from_slice(&buf);
+                    self.recycle(buf);
                 }
                 (Ok(_), Some(buf)) => {
                     simple_reply(&mut self.output, 0, p.cookie);
                     self.output.extend_from_slice(&buf);
+                    self.recycle(buf);
                 }
                 (Ok(_), None) => simple_reply(&mut self.output, 0, p.cookie),
-                (Err(e), _) => self.reply_error(p.cookie, err::from_errno(e.errno())),
+                (Err(e), read) => {
+                    if let Some(buf) = read {
+                        self.recycle(buf);
+                    }
+                    self.reply_error(p.cookie, err::from_errno(e.errno()))
+                }
             }
         }
         self.done = done;
+    }
+
+    /// Keeps a READ buffer for the next READ (a few, of modest size).
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < 64 && buf.capacity() <= 1 << 20 {
+            self.spare.push(buf);
+        }
     }
 
     /// Writes queued replies; ends a disconnecting connection once all
