@@ -297,6 +297,48 @@ fn info_reply(
     Some((name, e.clone()))
 }
 
+/// A page-aligned data buffer: O_DIRECT nodes take it as it is (a plain
+/// heap `Vec` would send them to their bounce or thread path).
+#[derive(Default)]
+pub struct AlignedBuf {
+    pages: Vec<Page>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+impl AlignedBuf {
+    /// Resizes to `len` bytes (contents unspecified).
+    fn set_len(&mut self, len: usize) {
+        let pages = len.div_ceil(4096);
+        if self.pages.len() < pages {
+            self.pages.resize(pages, Page([0; 4096]));
+        }
+        self.len = len;
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.pages.as_mut_ptr().cast()
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `pages` holds at least `len` initialised bytes
+        // (`set_len`), contiguous as a Vec's elements are.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast(), self.len) }
+    }
+
+    fn capacity(&self) -> usize {
+        self.pages.len() * 4096
+    }
+}
+
 /// Requests in flight per connection before it stops reading.
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -305,9 +347,9 @@ struct Pending {
     /// READ's offset (its structured reply chunk carries it).
     offset: u64,
     /// READ's data buffer (its reply carries it).
-    read: Option<Vec<u8>>,
+    read: Option<AlignedBuf>,
     /// WRITE's payload, kept until the node is done with it.
-    _write: Option<Vec<u8>>,
+    write: Option<AlignedBuf>,
 }
 
 /// What the event loop should watch next.
@@ -331,7 +373,7 @@ pub struct NbdConnection {
     free: Vec<usize>,
     done: Vec<Completion>,
     /// READ buffers to reuse (no allocation, no zeroing when warm).
-    spare: Vec<Vec<u8>>,
+    spare: Vec<AlignedBuf>,
     disconnecting: bool,
     closed: bool,
 }
@@ -438,7 +480,11 @@ impl NbdConnection {
             if rest.len() < need {
                 break;
             }
-            let payload = rest[REQUEST_LEN..need].to_vec();
+            let mut payload = self.spare.pop().unwrap_or_default();
+            payload.set_len(need - REQUEST_LEN);
+            payload
+                .as_mut_slice()
+                .copy_from_slice(&rest[REQUEST_LEN..need]);
             at += need;
             self.start(h, payload);
         }
@@ -504,7 +550,7 @@ impl NbdConnection {
         }
     }
 
-    fn start(&mut self, h: RequestHeader, payload: Vec<u8>) {
+    fn start(&mut self, h: RequestHeader, payload: AlignedBuf) {
         let cap = self.info.node.capacity();
         let writable = self.info.writable && !self.info.node.read_only();
         let end = h.offset.checked_add(u64::from(h.length));
@@ -547,11 +593,12 @@ impl NbdConnection {
         let fua = h.flags & cflag::FUA != 0;
         let (req, pending) = match h.kind {
             cmd::READ => {
+                self.recycle(payload);
                 let mut buf = self.spare.pop().unwrap_or_default();
-                buf.resize(h.length as usize, 0);
+                buf.set_len(h.length as usize);
                 let iov = vec![libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: buf.len(),
+                    iov_len: buf.len,
                 }];
                 // SAFETY: the iovec points at `buf`, which the pending
                 // slot keeps (a Vec's heap buffer does not move) until
@@ -563,7 +610,7 @@ impl NbdConnection {
                         cookie: h.cookie,
                         offset: h.offset,
                         read: Some(buf),
-                        _write: None,
+                        write: None,
                     },
                 )
             }
@@ -571,7 +618,7 @@ impl NbdConnection {
                 let mut buf = payload;
                 let iov = vec![libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
-                    iov_len: buf.len(),
+                    iov_len: buf.len,
                 }];
                 // SAFETY: as for READ; the slot keeps the payload.
                 let req = unsafe { Request::write(h.offset, iov, fua) };
@@ -581,7 +628,7 @@ impl NbdConnection {
                         cookie: h.cookie,
                         offset: h.offset,
                         read: None,
-                        _write: Some(buf),
+                        write: Some(buf),
                     },
                 )
             }
@@ -591,7 +638,7 @@ impl NbdConnection {
                     cookie: h.cookie,
                     offset: h.offset,
                     read: None,
-                    _write: None,
+                    write: None,
                 },
             ),
             cmd::WRITE_ZEROES => (
@@ -600,7 +647,7 @@ impl NbdConnection {
                     cookie: h.cookie,
                     offset: h.offset,
                     read: None,
-                    _write: None,
+                    write: None,
                 },
             ),
             _ => (
@@ -609,7 +656,7 @@ impl NbdConnection {
                     cookie: h.cookie,
                     offset: h.offset,
                     read: None,
-                    _write: None,
+                    write: None,
                 },
             ),
         };
@@ -631,6 +678,9 @@ impl NbdConnection {
                 continue;
             };
             self.free.push(idx);
+            if let Some(w) = p.write {
+                self.recycle(w);
+            }
             match (c.result, p.read) {
                 (Ok(_), Some(buf)) if self.neg.structured => {
                     chunk_header(
@@ -638,15 +688,15 @@ impl NbdConnection {
                         chunk::FLAG_DONE,
                         chunk::OFFSET_DATA,
                         p.cookie,
-                        8 + buf.len() as u32,
+                        8 + buf.len as u32,
                     );
                     self.output.extend_from_slice(&p.offset.to_be_bytes());
-                    self.output.extend_from_slice(&buf);
+                    self.output.extend_from_slice(buf.as_slice());
                     self.recycle(buf);
                 }
                 (Ok(_), Some(buf)) => {
                     simple_reply(&mut self.output, 0, p.cookie);
-                    self.output.extend_from_slice(&buf);
+                    self.output.extend_from_slice(buf.as_slice());
                     self.recycle(buf);
                 }
                 (Ok(_), None) => simple_reply(&mut self.output, 0, p.cookie),
@@ -662,7 +712,7 @@ impl NbdConnection {
     }
 
     /// Keeps a READ buffer for the next READ (a few, of modest size).
-    fn recycle(&mut self, buf: Vec<u8>) {
+    fn recycle(&mut self, buf: AlignedBuf) {
         if self.spare.len() < 64 && buf.capacity() <= 1 << 20 {
             self.spare.push(buf);
         }
