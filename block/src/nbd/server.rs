@@ -480,7 +480,12 @@ impl NbdConnection {
             if rest.len() < need {
                 break;
             }
-            let mut payload = self.spare.pop().unwrap_or_default();
+            // Only WRITE has a payload; the rest leave the spares alone.
+            let mut payload = if need > REQUEST_LEN {
+                self.spare.pop().unwrap_or_default()
+            } else {
+                AlignedBuf::default()
+            };
             payload.set_len(need - REQUEST_LEN);
             payload
                 .as_mut_slice()
@@ -593,7 +598,6 @@ impl NbdConnection {
         let fua = h.flags & cflag::FUA != 0;
         let (req, pending) = match h.kind {
             cmd::READ => {
-                self.recycle(payload);
                 let mut buf = self.spare.pop().unwrap_or_default();
                 buf.set_len(h.length as usize);
                 let iov = vec![libc::iovec {
