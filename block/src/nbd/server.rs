@@ -339,6 +339,9 @@ impl AlignedBuf {
     }
 }
 
+/// Requests started between two flushes of the replies ready.
+const REPLY_CHUNK: usize = 8;
+
 /// Requests in flight per connection before it stops reading.
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -422,7 +425,7 @@ impl NbdConnection {
     }
 
     /// Reads what the socket has, starts every whole request.
-    pub fn on_readable(&mut self, sock: &mut impl Read) {
+    pub fn on_readable(&mut self, sock: &mut (impl Read + Write)) {
         let mut buf = [0u8; 64 << 10];
         loop {
             if !self.interest().read {
@@ -435,7 +438,7 @@ impl NbdConnection {
                 }
                 Ok(n) => {
                     self.input.extend_from_slice(&buf[..n]);
-                    self.parse();
+                    self.parse(sock);
                     if n < buf.len() {
                         // A short read took what there was: save the
                         // read that would say EAGAIN.
@@ -458,9 +461,18 @@ impl NbdConnection {
     }
 
     /// Starts the whole requests in the input buffer.
-    fn parse(&mut self) {
+    fn parse(&mut self, sock: &mut impl Write) {
         let mut at = 0;
+        let mut started = 0;
         while !self.closed && !self.disconnecting {
+            if started > 0 && started % REPLY_CHUNK == 0 {
+                // Answer what is done before starting more: a client
+                // whose whole batch is answered at once waits for the
+                // last of it, then refills while the server idles.
+                self.on_completions();
+                self.queue.kick();
+                self.on_writable(sock);
+            }
             let rest = &self.input[at..];
             let Some(h) = rest.get(..REQUEST_LEN) else {
                 break;
@@ -492,6 +504,7 @@ impl NbdConnection {
                 .copy_from_slice(&rest[REQUEST_LEN..need]);
             at += need;
             self.start(h, payload);
+            started += 1;
         }
         self.input.drain(..at);
     }
