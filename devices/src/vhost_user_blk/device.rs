@@ -777,6 +777,10 @@ fn reconnect(shared: &Shared, kicks: &[EventFd]) -> Result<(), String> {
         start_rings(shared, &mut conn, &mut inner.inflight, a, kicks, &bases)?;
     }
     set_recv_timeout(&conn.fe, None).map_err(|e| e.to_string())?;
+    // Counted before the connection shows, so whoever sees it connected
+    // sees the count too.
+    shared.reconnects.fetch_add(1, Ordering::SeqCst);
+    shared.disconnected.store(false, Ordering::SeqCst);
     inner.conn = Some(conn);
     // The backend may have been resized while we were away.
     config_changed(shared, inner);
@@ -850,8 +854,6 @@ fn control_thread(shared: &Shared, stop: &EventFd, kicks: &[EventFd]) {
             if shared.opts.reconnect.is_some() {
                 match reconnect(shared, kicks) {
                     Ok(()) => {
-                        shared.disconnected.store(false, Ordering::SeqCst);
-                        shared.reconnects.fetch_add(1, Ordering::SeqCst);
                         eprintln!("{}: reconnected to the backend", shared.label());
                         shared.event(BackendEvent::Reconnected);
                     }

@@ -347,6 +347,13 @@ fn a_restarted_export_resubmits_what_the_last_one_had_in_flight() {
         q.pre_put(0);
         q.post_put(0, 1);
     }
+    // A file smaller than the area it claims is refused (mapping it would
+    // fault on first access), and the connection goes on.
+    // (REPLY_ACK: the refusal comes back as an error.)
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let short = tempfile::tempfile().unwrap();
+    short.set_len(64).unwrap();
+    assert!(fe.set_inflight_fd(&info, short.as_raw_fd()).is_err());
     fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
     fe.set_features(
         (features & !(1 << VIRTIO_RING_F_EVENT_IDX))

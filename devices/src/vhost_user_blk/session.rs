@@ -587,6 +587,16 @@ impl VhostUserBackendReqHandlerMut for Session {
         if inflight.mmap_size < len as u64 {
             return Err(invalid("the inflight area is smaller than its queues need"));
         }
+        // A mapping past the end of the file would fault (SIGBUS) on the
+        // first access: the frontend's file must hold the whole area.
+        let size = file.metadata().map_err(VuError::ReqHandlerError)?.len();
+        if inflight
+            .mmap_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(invalid("the inflight file is smaller than the area"));
+        }
         let map = InflightMap::map(file.as_fd(), inflight.mmap_offset, len)
             .map_err(VuError::ReqHandlerError)?;
         self.inflight = Some((Arc::new(map), inflight.queue_size));
