@@ -402,6 +402,7 @@ impl MutEventSubscriber for NbdWorker {
         }
         // Answer at once; what the socket does not take waits for OUT.
         conn.on_writable(&mut self.stream);
+        conn.resume(&mut self.stream);
         if conn.is_closed() {
             self.end(ops);
             return;

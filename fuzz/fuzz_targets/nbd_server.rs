@@ -76,6 +76,7 @@ fuzz_target!(|data: &[u8]| {
         conn.on_readable(&mut m);
         conn.on_completions();
         conn.on_writable(&mut m);
+        conn.resume(&mut m);
         if conn.is_closed() {
             break;
         }

@@ -316,6 +316,25 @@ fn bad_requests_get_errors_or_the_door_and_the_server_goes_on() -> Result<()> {
     c.0.write_all(&0x2560_9513u32.to_be_bytes())?;
     drop(c);
 
+    // A client that asks for 16 x 32 MiB and reads nothing holds at most
+    // the server's backlog (64 MiB of READ data) plus what is being sent,
+    // not 512 MiB.
+    let (mut c, _) = RawClient::connect(&sock, "disk")?;
+    for i in 0..16u64 {
+        c.request(0, 100 + i, 0, 32 << 20, &[])?;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", d.pid()))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    ensure!(
+        rss_kib < 320 << 10,
+        "the daemon holds {rss_kib} KiB for a client that does not read"
+    );
+    drop(c);
+
     // The server goes on; 200 connections later its fds are back.
     let (mut c, _) = RawClient::connect(&sock, "disk")?;
     c.request(2, 0, 0, 0, &[])?; // DISC

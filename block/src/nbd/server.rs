@@ -342,6 +342,11 @@ impl AlignedBuf {
 /// Requests started between two flushes of the replies ready.
 const REPLY_CHUNK: usize = 8;
 
+/// Bytes of READ data in flight or waiting to be sent before a
+/// connection stops reading requests: a client that asks and never reads
+/// the answers holds this much of the server's memory, not more.
+const MAX_BACKLOG: usize = 64 << 20;
+
 /// Requests in flight per connection before it stops reading.
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -375,6 +380,8 @@ pub struct NbdConnection {
     slots: Vec<Option<Pending>>,
     free: Vec<usize>,
     done: Vec<Completion>,
+    /// Bytes of the READs in flight.
+    read_bytes: usize,
     /// READ buffers to reuse (no allocation, no zeroing when warm).
     spare: Vec<AlignedBuf>,
     disconnecting: bool,
@@ -395,6 +402,7 @@ impl NbdConnection {
             free: Vec::new(),
             done: Vec::new(),
             spare: Vec::new(),
+            read_bytes: 0,
             disconnecting: false,
             closed: false,
         }
@@ -419,7 +427,10 @@ impl NbdConnection {
     /// What to watch.
     pub fn interest(&self) -> Interest {
         Interest {
-            read: !self.closed && !self.disconnecting && self.in_flight() < MAX_IN_FLIGHT,
+            read: !self.closed
+                && !self.disconnecting
+                && self.in_flight() < MAX_IN_FLIGHT
+                && self.read_bytes + (self.output.len() - self.out_pos) < MAX_BACKLOG,
             write: self.out_pos < self.output.len(),
         }
     }
@@ -464,7 +475,9 @@ impl NbdConnection {
     fn parse(&mut self, sock: &mut impl Write) {
         let mut at = 0;
         let mut started = 0;
-        while !self.closed && !self.disconnecting {
+        // Stop at the backlog or in-flight limit; the rest waits in
+        // `input` until `resume`.
+        while self.interest().read {
             if started > 0 && started % REPLY_CHUNK == 0 {
                 // Answer what is done before starting more: a client
                 // whose whole batch is answered at once waits for the
@@ -677,11 +690,26 @@ impl NbdConnection {
                 },
             ),
         };
+        let reading = pending.read.as_ref().map_or(0, |b| b.len);
         let idx = self.slot(pending);
         if let Err(e) = self.queue.submit(req.with_user_data(idx as u64)) {
             self.slots[idx] = None;
             self.free.push(idx);
             self.reply_error(h.cookie, err::from_errno(e.error.errno()));
+        } else {
+            self.read_bytes += reading;
+        }
+    }
+
+    /// Starts requests left in the input buffer when a limit stopped
+    /// them, once replies have drained (the socket may have nothing new
+    /// to wake the connection with).
+    pub fn resume(&mut self, sock: &mut impl Write) {
+        if !self.input.is_empty() && self.interest().read {
+            self.parse(sock);
+            self.on_completions();
+            self.queue.kick();
+            self.on_writable(sock);
         }
     }
 
@@ -697,6 +725,9 @@ impl NbdConnection {
             self.free.push(idx);
             if let Some(w) = p.write {
                 self.recycle(w);
+            }
+            if let Some(r) = &p.read {
+                self.read_bytes -= r.len;
             }
             match (c.result, p.read) {
                 (Ok(_), Some(buf)) if self.neg.structured => {
