@@ -153,12 +153,7 @@ impl BlkQueueHandler {
                 req.parse_descriptors(head, descs, mem)
             });
         }
-        used |= self.reap(queue, mem);
-        self.queue.kick();
-        Ok(used
-            && queue
-                .needs_notification(mem.as_ref())
-                .map_err(BlkHandlerError::Queue)?)
+        self.end_round(queue, mem, used)
     }
 
     /// The node queue's completion fd, to watch in the thread's epoll.
@@ -235,11 +230,23 @@ impl BlkQueueHandler {
                 break;
             }
         }
-        used |= self.reap(queue, mem);
+        self.end_round(queue, mem, used)
+    }
+
+    /// Ends a round of starting chains: takes what the node finished
+    /// inline, kicks it, and says whether the guest should be notified
+    /// (`used`: chains were returned earlier in the round).
+    fn end_round(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        used: bool,
+    ) -> Result<bool, BlkHandlerError> {
+        let used = self.reap(queue, mem) | used;
         self.queue.kick();
         Ok(used
             && queue
-                .needs_notification(mem.as_ref())
+                .needs_notification(mem)
                 .map_err(BlkHandlerError::Queue)?)
     }
 
