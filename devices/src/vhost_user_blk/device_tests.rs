@@ -288,10 +288,9 @@ fn a_restarted_export_resubmits_what_the_last_one_had_in_flight() {
     use std::os::fd::{AsFd, AsRawFd};
     use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
     use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vhost::VhostBackend;
     use vm_memory::GuestMemoryBackend;
 
-    use crate::virtio::testutil::MEM_SIZE;
     use crate::virtio_blk::inflight::InflightMap;
 
     let dir = tempfile::tempdir().unwrap();
@@ -360,35 +359,10 @@ fn a_restarted_export_resubmits_what_the_last_one_had_in_flight() {
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
     )
     .unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM_SIZE,
-        userspace_addr: host,
-        mmap_offset: 0,
-        mmap_handle: memfd.as_raw_fd(),
-    }])
-    .unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    // The frontend's base (the used index) is overridden by the record.
-    fe.set_vring_base(0, 1).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + r.desc(),
-            used_ring_addr: host + r.used,
-            avail_ring_addr: host + r.avail(),
-            log_addr: None,
-        },
-    )
-    .unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    // The frontend's base (the used index) is overridden by the record.
+    super::tests::start_vring(&mut fe, host, &memfd, &r, 1, &kick, &call);
 
     wait_for("heads 6, 3 and 9 complete", || used_idx(&mem, &r) == 4);
     let mut heads: Vec<u32> = (1..4u64)

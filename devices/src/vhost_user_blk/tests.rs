@@ -21,8 +21,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{VhostUserBlkExport, VhostUserBlkExportConfig};
 use crate::iothread::{IoSubscriber, IoThread, IoThreadConfig};
 use crate::virtio::testutil::{
-    push_read, ring, used_idx, used_len, wait_for, wait_signalled, BlkRig, DATA, MEM_SIZE, QSIZE,
-    STATUS,
+    push_read, ring, used_idx, used_len, wait_for, wait_signalled, BlkRig, TestRing, DATA,
+    MEM_SIZE, QSIZE, STATUS,
 };
 use crate::virtio::{QueueConfig, VirtioDevice, VirtioInterrupt, VirtioIrq};
 use crate::virtio_blk::{BlkOptions, GuestMem};
@@ -94,6 +94,47 @@ pub(super) fn memfd_memory() -> (GuestMem, File) {
     )])
     .unwrap();
     (mem, file)
+}
+
+/// Hands vring 0 (laid out by `ring` in the frontend's memory at `host`,
+/// backed by `memfd`) to the export the way QEMU's `vhost_dev_start` does:
+/// the memory table, the ring's size, `base`, its addresses in the
+/// frontend's own address space, the kick and call fds, enabled.
+pub(super) fn start_vring(
+    fe: &mut Frontend,
+    host: u64,
+    memfd: &File,
+    r: &TestRing<'_>,
+    base: u16,
+    kick: &EventFd,
+    call: &EventFd,
+) {
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE,
+        userspace_addr: host,
+        mmap_offset: 0,
+        mmap_handle: memfd.as_raw_fd(),
+    }])
+    .unwrap();
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host + r.desc(),
+            used_ring_addr: host + r.used,
+            avail_ring_addr: host + r.avail(),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_kick(0, kick).unwrap();
+    fe.set_vring_call(0, call).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
 }
 
 #[test]
@@ -169,33 +210,7 @@ fn one_iothread_serves_a_vmm_queue_and_an_export_queue_together() {
     fe.set_protocol_features(want).unwrap();
     assert_eq!(fe.get_queue_num().unwrap(), 1);
     fe.set_features(offered).unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM_SIZE,
-        userspace_addr: host,
-        mmap_offset: 0,
-        mmap_handle: memfd.as_raw_fd(),
-    }])
-    .unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    // Ring addresses in the frontend's own address space, as QEMU sends them.
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host + er.desc(),
-            used_ring_addr: host + er.used,
-            avail_ring_addr: host + er.avail(),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    start_vring(&mut fe, host, &memfd, &er, 0, &kick, &call);
     assert!(export.connected());
 
     // Hold the IOThread, put two reads on each queue and kick both: while
