@@ -536,6 +536,32 @@ impl NestedOutput {
         self.l1.console.lines()
     }
 
+    /// The per-thread I/O counters L1's `thread_io` reported, in order:
+    /// each thread's name and its seven counters (rchar wchar syscr syscw
+    /// read_bytes write_bytes cancelled_write_bytes). A malformed line is
+    /// an error naming it.
+    pub fn thread_io(&self) -> Result<Vec<(String, [u64; 7])>> {
+        let mut out = Vec::new();
+        for line in self.l1_lines() {
+            let Some(rest) = line.strip_prefix("BLKVM-RESULT thread.") else {
+                continue;
+            };
+            let Some((key, text)) = rest.split_once('=') else {
+                continue;
+            };
+            let comm = key.split_once('.').map_or("", |(_, c)| c).to_owned();
+            let c: Vec<u64> = text
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            let c: [u64; 7] = c
+                .try_into()
+                .map_err(|_| self.error(&format!("bad counters: {line}")))?;
+            out.push((comm, c));
+        }
+        Ok(out)
+    }
+
     /// Whether L2 died of a triple fault before its `/init` started (no
     /// `BLKVM-BOOT` from L2): the kernel's own early setup, which runs no
     /// device code of ours.

@@ -223,29 +223,17 @@ fn check_threads(out: &NestedOutput) -> Result<()> {
     let mut vcpus = 0;
     let mut others_read = 0u64;
     let mut pci_threads = [0u64; 2];
-    for line in out.l1_lines() {
-        let Some(rest) = line.strip_prefix("BLKVM-RESULT thread.") else {
-            continue;
-        };
-        let Some((key, counters)) = rest.split_once('=') else {
-            continue;
-        };
-        let comm = key.split_once('.').map_or("", |(_, c)| c);
-        let c: Vec<u64> = counters
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        ensure!(c.len() == 7, out.error(&format!("bad counters: {line}")));
+    for (comm, c) in out.thread_io()? {
         // rchar wchar syscr syscw read_bytes write_bytes cancelled_write_bytes
         if comm.starts_with("vcpu") {
             vcpus += 1;
             ensure!(
                 c[0] == 0 && c[2] == 0 && c[4] == 0 && c[5] == 0,
-                out.error(&format!("vCPU thread {comm} did I/O: {counters}"))
+                out.error(&format!("vCPU thread {comm} did I/O: {c:?}"))
             );
         } else {
             others_read += c[4];
-            match comm {
+            match comm.as_str() {
                 "iothread-io0" => pci_threads[0] = c[4],
                 "iothread-io2" => pci_threads[1] = c[4],
                 _ => {}

@@ -383,23 +383,15 @@ fn counters(out: &NestedOutput, text: &str) -> Result<Vec<u64>> {
 /// calls at all, and each device has its control thread.
 fn check_run_threads(out: &NestedOutput) -> Result<()> {
     let mut comms = Vec::new();
-    for line in out.l1_lines() {
-        let Some(rest) = line.strip_prefix("BLKVM-RESULT thread.") else {
-            continue;
-        };
-        let Some((key, text)) = rest.split_once('=') else {
-            continue;
-        };
-        let comm = key.split_once('.').map_or("", |(_, c)| c).to_owned();
-        let c = counters(out, text)?;
+    for (comm, c) in out.thread_io()? {
         ensure!(
             c[4] == 0 && c[5] == 0,
-            out.error(&format!("blkvm run's thread {comm} did block I/O: {text}"))
+            out.error(&format!("blkvm run's thread {comm} did block I/O: {c:?}"))
         );
         if comm.starts_with("vcpu") {
             ensure!(
                 c[0] == 0 && c[2] == 0,
-                out.error(&format!("vCPU thread {comm} read: {text}"))
+                out.error(&format!("vCPU thread {comm} read: {c:?}"))
             );
         }
         comms.push(comm);
