@@ -33,5 +33,7 @@ pub use graph::BlockGraph;
 pub use limits::BlockLimits;
 pub use memory::{MemoryRegion, RamRegistrar, RegionId};
 pub use node::{BlockNode, BlockStatus, NodeOptions, NodeQueue};
-pub use request::{Completion, Request, RequestError, RequestFlags, RequestOp, SubmitError};
+pub use request::{
+    Completion, IovecPool, Request, RequestError, RequestFlags, RequestOp, SubmitError,
+};
 pub use stats::{NodeStats, NodeStatsSnapshot, OpStatsSnapshot};

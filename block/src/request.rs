@@ -276,3 +276,28 @@ mod tests {
         assert_eq!(RequestError::ReadOnly.errno(), libc::EPERM);
     }
 }
+
+/// Spare iovec vectors, recycled so a warm queue never allocates (the
+/// virtio-blk handler's and the NBD connection's). They are cleared
+/// before reuse; the addresses they held are never read.
+#[derive(Default)]
+pub struct IovecPool(Vec<Vec<libc::iovec>>);
+
+// SAFETY: the vectors only carry capacity between requests; their stale
+// contents are cleared before use and never dereferenced.
+unsafe impl Send for IovecPool {}
+
+impl IovecPool {
+    /// An empty vector, with capacity when one was given back.
+    pub fn take(&mut self) -> Vec<libc::iovec> {
+        let mut v = self.0.pop().unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    /// Keeps `v`'s capacity for the next `take`.
+    pub fn give(&mut self, mut v: Vec<libc::iovec>) {
+        v.clear();
+        self.0.push(v);
+    }
+}

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 
 pub use super::handshake::{handshake, Handshake, NbdExportInfo, Negotiated};
 use super::proto::*;
-use crate::{Completion, NodeQueue, Request};
+use crate::{Completion, IovecPool, NodeQueue, Request};
 
 /// A page-aligned data buffer: O_DIRECT nodes take it as it is (a plain
 /// heap `Vec` would send them to their bounce or thread path).
@@ -101,6 +101,10 @@ pub struct NbdConnection {
     done: Vec<Completion>,
     /// Bytes of the READs in flight.
     read_bytes: usize,
+    /// Where socket reads land, made once (not 64 KiB zeroed per read).
+    scratch: Box<[u8]>,
+    /// Iovec vectors to reuse.
+    iovecs: IovecPool,
     /// READ buffers to reuse (no allocation, no zeroing when warm).
     spare: Vec<AlignedBuf>,
     disconnecting: bool,
@@ -121,6 +125,8 @@ impl NbdConnection {
             free: Vec::new(),
             done: Vec::new(),
             spare: Vec::new(),
+            scratch: vec![0u8; 64 << 10].into_boxed_slice(),
+            iovecs: IovecPool::default(),
             read_bytes: 0,
             disconnecting: false,
             closed: false,
@@ -156,7 +162,7 @@ impl NbdConnection {
 
     /// Reads what the socket has, starts every whole request.
     pub fn on_readable(&mut self, sock: &mut (impl Read + Write)) {
-        let mut buf = [0u8; 64 << 10];
+        let mut buf = std::mem::take(&mut self.scratch);
         loop {
             if !self.interest().read {
                 break;
@@ -183,6 +189,7 @@ impl NbdConnection {
                 }
             }
         }
+        self.scratch = buf;
         // What the node finished inline (null-co, a cache hit) is taken
         // before the kick, which then has nothing to signal: answered in
         // this round, without a trip through the completion fd.
@@ -345,10 +352,11 @@ impl NbdConnection {
             cmd::READ => {
                 let mut buf = self.spare.pop().unwrap_or_default();
                 buf.set_len(h.length as usize);
-                let iov = vec![libc::iovec {
+                let mut iov = self.iovecs.take();
+                iov.push(libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
                     iov_len: buf.len,
-                }];
+                });
                 // SAFETY: the iovec points at `buf`, which the pending
                 // slot keeps (a Vec's heap buffer does not move) until
                 // the node completes the request.
@@ -365,10 +373,11 @@ impl NbdConnection {
             }
             cmd::WRITE => {
                 let mut buf = payload;
-                let iov = vec![libc::iovec {
+                let mut iov = self.iovecs.take();
+                iov.push(libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
                     iov_len: buf.len,
-                }];
+                });
                 // SAFETY: as for READ; the slot keeps the payload.
                 let req = unsafe { Request::write(h.offset, iov, fua) };
                 (
@@ -411,7 +420,8 @@ impl NbdConnection {
         };
         let reading = pending.read.as_ref().map_or(0, |b| b.len);
         let idx = self.slot(pending);
-        if let Err(e) = self.queue.submit(req.with_user_data(idx as u64)) {
+        if let Err(mut e) = self.queue.submit(req.with_user_data(idx as u64)) {
+            self.iovecs.give(e.request.take_iovecs());
             self.slots[idx] = None;
             self.free.push(idx);
             self.reply_error(h.cookie, err::from_errno(e.error.errno()));
@@ -436,7 +446,8 @@ impl NbdConnection {
     pub fn on_completions(&mut self) {
         let mut done = std::mem::take(&mut self.done);
         self.queue.poll_completions(&mut done);
-        for c in done.drain(..) {
+        for mut c in done.drain(..) {
+            self.iovecs.give(c.request.take_iovecs());
             let idx = c.request.user_data as usize;
             let Some(p) = self.slots.get_mut(idx).and_then(Option::take) else {
                 continue;

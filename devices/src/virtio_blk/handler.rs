@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use block::{BlockNode, Completion, NodeQueue, Request, RequestError, RequestOp};
+use block::{BlockNode, Completion, IovecPool, NodeQueue, Request, RequestError, RequestOp};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -65,28 +65,6 @@ pub struct BlkQueueCounters {
     pub requests: u64,
     /// Chains completed with an error status.
     pub errors: u64,
-}
-
-/// Spare iovec vectors, recycled so a warm queue never allocates. They
-/// are cleared before reuse; the addresses they held are never read.
-#[derive(Default)]
-struct IovecPool(Vec<Vec<libc::iovec>>);
-
-// SAFETY: the vectors only carry capacity between requests; their stale
-// contents are cleared before use and never dereferenced.
-unsafe impl Send for IovecPool {}
-
-impl IovecPool {
-    fn take(&mut self) -> Vec<libc::iovec> {
-        let mut v = self.0.pop().unwrap_or_default();
-        v.clear();
-        v
-    }
-
-    fn give(&mut self, mut v: Vec<libc::iovec>) {
-        v.clear();
-        self.0.push(v);
-    }
 }
 
 /// One virtqueue's handler.
