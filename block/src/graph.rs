@@ -14,6 +14,7 @@ use qapi::{BlockdevDriver, BlockdevOptions, BlockdevRef};
 use crate::blkio::{BlkioNode, BlkioOptions};
 use crate::file::FileNode;
 use crate::memory::RamRegistrar;
+use crate::nbd::client::NbdNode;
 use crate::node::BlockNode;
 use crate::null::NullNode;
 use crate::raw::RawNode;
@@ -145,6 +146,7 @@ impl BlockGraph {
             BlockdevDriver::VirtioBlkVhostUser(o) => self.open_blkio(&name, common, o.into())?,
             BlockdevDriver::VirtioBlkVhostVdpa(o) => self.open_blkio(&name, common, o.into())?,
             BlockdevDriver::VirtioBlkVfioPci(o) => self.open_blkio(&name, common, o.into())?,
+            BlockdevDriver::Nbd(o) => Arc::new(NbdNode::open(name.clone(), common, o)?),
         };
         for child in children {
             if let Some((_, e)) = pending.entries.iter_mut().find(|(n, _)| *n == child) {

@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use block::{BlockGraph, BlockNode, RequestError, RequestOp};
-use common::qsd::Qsd;
+use common::qsd::{NbdPeer, Qsd};
 use common::{pattern, Disk, Image};
 
 /// How to build the node under test.
@@ -27,13 +27,18 @@ struct Config {
     /// daemon exports the last one over vhost-user-blk, and `{sock}` in
     /// `blockdevs` becomes the export's socket.
     qsd: Option<&'static [&'static str]>,
+    /// An NBD server to start (program and arguments; `{img}` and
+    /// `{sock}` as above): the node under test is its client.
+    nbd: Option<(&'static str, &'static [&'static str])>,
+    /// Written data lands in the image file (not in a server's memory).
+    in_image: bool,
 }
 
 /// Size of every test image.
 const IMG_SIZE: u64 = 32 << 20;
 
 impl Config {
-    fn open_with(&self, img: &Image, extra: &str) -> (BlockGraph, Arc<dyn BlockNode>, Option<Qsd>) {
+    fn open_with(&self, img: &Image, extra: &str) -> (BlockGraph, Arc<dyn BlockNode>, Peer) {
         let qsd = self.qsd.map(|args| {
             let args: Vec<String> = args
                 .iter()
@@ -41,7 +46,18 @@ impl Config {
                 .collect();
             Qsd::start(&args, 1)
         });
-        let sock = qsd.as_ref().map_or("", |q| q.sock());
+        let nbd = self.nbd.map(|(program, args)| {
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| a.replace("{img}", img.path()))
+                .collect();
+            NbdPeer::start(program, &args)
+        });
+        let sock = qsd
+            .as_ref()
+            .map(|q| q.sock())
+            .or(nbd.as_ref().map(|n| n.sock()))
+            .unwrap_or("");
         let mut graph = BlockGraph::new();
         let mut node = None;
         let n = self.blockdevs.len();
@@ -53,7 +69,7 @@ impl Config {
             let opts = qapi::parse_blockdev(&arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
             node = Some(graph.add(&opts).unwrap_or_else(|e| panic!("{arg}: {e}")));
         }
-        (graph, node.expect("at least one blockdev"), qsd)
+        (graph, node.expect("at least one blockdev"), (qsd, nbd))
     }
 
     fn disk(&self, img: &Image) -> TestDisk {
@@ -65,10 +81,13 @@ impl Config {
     }
 }
 
+/// The server behind a node, if any.
+type Peer = (Option<Qsd>, Option<NbdPeer>);
+
 /// A disk and the daemon behind it, if any (dropped after the disk).
 struct TestDisk {
     disk: Disk,
-    _qsd: Option<Qsd>,
+    _qsd: Peer,
 }
 
 impl std::ops::Deref for TestDisk {
@@ -90,6 +109,8 @@ fn file_threads() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn file_threads_direct() -> Config {
@@ -98,6 +119,8 @@ fn file_threads_direct() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn file_io_uring() -> Config {
@@ -106,6 +129,8 @@ fn file_io_uring() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn file_io_uring_direct() -> Config {
@@ -114,6 +139,8 @@ fn file_io_uring_direct() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn raw_window_over_file() -> Config {
@@ -122,6 +149,8 @@ fn raw_window_over_file() -> Config {
         persistent: true,
         window_offset: 1 << 20,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn raw_over_file_io_uring_direct_by_ref() -> Config {
@@ -133,6 +162,8 @@ fn raw_over_file_io_uring_direct_by_ref() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn null_co() -> Config {
@@ -141,6 +172,8 @@ fn null_co() -> Config {
         persistent: false,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 
@@ -150,6 +183,8 @@ fn blkio_io_uring() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 fn blkio_io_uring_direct() -> Config {
@@ -158,6 +193,8 @@ fn blkio_io_uring_direct() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: None,
+        nbd: None,
+        in_image: true,
     }
 }
 /// The daemon's side of the vhost-user configs over the image file.
@@ -171,6 +208,8 @@ fn vhost_user_qsd_file() -> Config {
         persistent: true,
         window_offset: 0,
         qsd: Some(QSD_FILE),
+        nbd: None,
+        in_image: true,
     }
 }
 fn vhost_user_qsd_null_co() -> Config {
@@ -179,6 +218,8 @@ fn vhost_user_qsd_null_co() -> Config {
         persistent: false,
         window_offset: 0,
         qsd: Some(&["driver=null-co,node-name=d0,size=33554432,read-zeroes=on"]),
+        nbd: None,
+        in_image: true,
     }
 }
 fn raw_window_over_vhost_user_by_ref() -> Config {
@@ -190,6 +231,68 @@ fn raw_window_over_vhost_user_by_ref() -> Config {
         persistent: true,
         window_offset: 1 << 20,
         qsd: Some(QSD_FILE),
+        nbd: None,
+        in_image: true,
+    }
+}
+
+/// qemu-nbd serving the image file (cache=none, io_uring, discard).
+const QEMU_NBD_FILE: (&str, &[&str]) = (
+    "qemu-nbd",
+    &[
+        "--socket={sock}",
+        "--format=raw",
+        "--export-name=disk",
+        "--cache=none",
+        "--aio=io_uring",
+        "--discard=unmap",
+        "--persistent",
+        "--shared=8",
+        "{img}",
+    ],
+);
+fn nbd_qemu_nbd_file() -> Config {
+    Config {
+        blockdevs: &[
+            "nbd,server.type=unix,server.path={sock},export=disk,discard=unmap,node-name=t0",
+        ],
+        persistent: true,
+        window_offset: 0,
+        qsd: None,
+        nbd: Some(QEMU_NBD_FILE),
+        in_image: true,
+    }
+}
+fn nbd_nbdkit_memory() -> Config {
+    Config {
+        blockdevs: &["nbd,server.type=unix,server.path={sock},discard=unmap,node-name=t0"],
+        persistent: true,
+        window_offset: 0,
+        qsd: None,
+        nbd: Some((
+            "nbdkit",
+            &[
+                "--foreground",
+                "--unix",
+                "{sock}",
+                "memory",
+                "size=33554432",
+            ],
+        )),
+        in_image: false,
+    }
+}
+fn raw_window_over_nbd_qemu_nbd() -> Config {
+    Config {
+        blockdevs: &[
+            "nbd,server.type=unix,server.path={sock},export=disk,discard=unmap,node-name=n0",
+            "raw,file=n0,discard=unmap,offset=1M,size=16M,node-name=t0",
+        ],
+        persistent: true,
+        window_offset: 1 << 20,
+        qsd: None,
+        nbd: Some(QEMU_NBD_FILE),
+        in_image: true,
     }
 }
 
@@ -220,12 +323,14 @@ fn data_at_both_ends_reads_back(cfg: &Config) {
     if cfg.persistent {
         assert!(got_head == head, "head data differs");
         assert!(got_tail == tail, "tail data differs");
-        let on_disk = img.contents();
-        let off = cfg.window_offset as usize;
-        assert!(
-            on_disk[off..off + head.len()] == head[..],
-            "image file differs at the head"
-        );
+        if cfg.in_image {
+            let on_disk = img.contents();
+            let off = cfg.window_offset as usize;
+            assert!(
+                on_disk[off..off + head.len()] == head[..],
+                "image file differs at the head"
+            );
+        }
     } else {
         assert!(
             got_head.iter().all(|&b| b == 0),
@@ -358,7 +463,7 @@ fn read_only_node_refuses_modification(cfg: &Config) {
     );
     assert_eq!(d.write_zeroes(0, 4096, false), Err(RequestError::ReadOnly));
     assert!(d.read(0, 4096).is_ok());
-    if cfg.persistent {
+    if cfg.in_image && cfg.persistent {
         assert!(
             img.contents()[..512].iter().all(|&b| b == 0),
             "a refused write reached the image"
@@ -422,4 +527,7 @@ conformance!(
     vhost_user_qsd_file,
     vhost_user_qsd_null_co,
     raw_window_over_vhost_user_by_ref,
+    nbd_qemu_nbd_file,
+    nbd_nbdkit_memory,
+    raw_window_over_nbd_qemu_nbd,
 );

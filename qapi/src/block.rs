@@ -108,6 +108,9 @@ pub enum BlockdevDriver {
     /// libblkio's virtio-blk driver for a PCI device bound to vfio-pci.
     #[serde(rename = "virtio-blk-vfio-pci")]
     VirtioBlkVfioPci(BlockdevOptionsVirtioBlkVfioPci),
+    /// The NBD client.
+    #[serde(rename = "nbd")]
+    Nbd(BlockdevOptionsNbd),
 }
 
 impl BlockdevDriver {
@@ -122,6 +125,7 @@ impl BlockdevDriver {
             Self::VirtioBlkVhostUser(_) => "virtio-blk-vhost-user",
             Self::VirtioBlkVhostVdpa(_) => "virtio-blk-vhost-vdpa",
             Self::VirtioBlkVfioPci(_) => "virtio-blk-vfio-pci",
+            Self::Nbd(_) => "nbd",
         }
     }
 }
@@ -265,6 +269,28 @@ pub struct BlockdevOptionsVirtioBlkVfioPci {
     /// Virtqueues set up at start (a blkvm extension; default 1).
     #[serde(default = "one_queue")]
     pub num_queues: u32,
+}
+
+/// `driver=nbd` members (QEMU's `BlockdevOptionsNbd`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsNbd {
+    /// The server's address.
+    pub server: crate::export::SocketAddress,
+    /// The export's name (default: the empty name).
+    pub export: Option<String>,
+    /// TLS credentials (an `--object tls-creds-x509` id, endpoint=client).
+    pub tls_creds: Option<String>,
+    /// The name the server's certificate must carry (default: the host).
+    pub tls_hostname: Option<String>,
+    /// Seconds during which requests wait for a lost connection to come
+    /// back before they fail (QEMU's default 0: they fail at once; the
+    /// client reconnects either way).
+    #[serde(default)]
+    pub reconnect_delay: u32,
+    /// Seconds to keep trying the first connection (default 0: one try).
+    #[serde(default)]
+    pub open_timeout: u32,
 }
 
 mod parse;

@@ -3,6 +3,7 @@
 //! ([`server`]). The event loop that drives connections lives with the
 //! IOThreads (`devices`); this module knows nothing of threads or virtio.
 
+pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -81,3 +81,68 @@ impl Drop for Qsd {
         let _ = self.child.wait();
     }
 }
+
+/// An NBD server for the client's tests (qemu-nbd or nbdkit) on a unix
+/// socket, killed on drop.
+pub struct NbdPeer {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: String,
+}
+
+impl NbdPeer {
+    /// Runs `program` with `args`, where `{sock}` becomes the socket path
+    /// the server must listen on, and waits until it accepts.
+    pub fn start(program: &str, args: &[String]) -> NbdPeer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("nbd.sock");
+        let sock = sock.to_str().expect("utf-8 path").to_string();
+        let log = std::fs::File::create(dir.path().join("peer.log")).expect("log file");
+        let child = Command::new(program)
+            .args(args.iter().map(|a| a.replace("{sock}", &sock)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let mut peer = NbdPeer { child, dir, sock };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if std::os::unix::net::UnixStream::connect(&peer.sock).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = peer.child.try_wait() {
+                panic!("{program} exited ({status}): {}", peer.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not start: {}",
+                peer.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peer
+    }
+
+    /// What the server wrote to stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("peer.log")).unwrap_or_default()
+    }
+
+    /// The socket path.
+    pub fn sock(&self) -> &str {
+        &self.sock
+    }
+
+    /// Kills the server (the client sees its connections drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NbdPeer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

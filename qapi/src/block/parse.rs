@@ -42,6 +42,7 @@ enum DriverName {
     VirtioBlkVhostUser,
     VirtioBlkVhostVdpa,
     VirtioBlkVfioPci,
+    Nbd,
 }
 
 /// Parses the `BlockdevOptions` at the dotted `path` (empty for the root).
@@ -56,6 +57,7 @@ pub(crate) fn blockdev_at(value: &Value, path: &str) -> Result<BlockdevOptions, 
         DriverName::VirtioBlkVhostUser => BlockdevDriver::VirtioBlkVhostUser(union.variant()?),
         DriverName::VirtioBlkVhostVdpa => BlockdevDriver::VirtioBlkVhostVdpa(union.variant()?),
         DriverName::VirtioBlkVfioPci => BlockdevDriver::VirtioBlkVfioPci(union.variant()?),
+        DriverName::Nbd => BlockdevDriver::Nbd(union.variant()?),
     };
     let common = union.base()?;
     Ok(BlockdevOptions { common, driver })

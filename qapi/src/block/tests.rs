@@ -458,3 +458,39 @@ fn host_device_is_qemus_name_for_file_on_a_block_device() {
     );
     assert_eq!(j, f);
 }
+
+#[test]
+fn nbd_keyval_and_json_are_equal() {
+    let k = keyval(
+        "nbd,node-name=n0,server.type=inet,server.host=127.0.0.1,server.port=10809,\
+         export=disk,reconnect-delay=5",
+    );
+    let j = json(json!({
+        "driver": "nbd", "node-name": "n0",
+        "server": {"type": "inet", "host": "127.0.0.1", "port": "10809"},
+        "export": "disk", "reconnect-delay": 5
+    }));
+    assert_eq!(k, j);
+    let BlockdevDriver::Nbd(n) = &k.driver else {
+        panic!("not nbd: {k:?}");
+    };
+    assert_eq!(n.export.as_deref(), Some("disk"));
+    assert_eq!(n.reconnect_delay, 5);
+    assert_eq!(n.open_timeout, 0);
+    let u = keyval("nbd,server.type=unix,server.path=/tmp/s");
+    let BlockdevDriver::Nbd(n) = &u.driver else {
+        panic!("not nbd: {u:?}");
+    };
+    assert_eq!(
+        n.server,
+        crate::export::SocketAddress::Unix {
+            path: "/tmp/s".into()
+        }
+    );
+    assert!(
+        err("nbd,server.type=unix").contains("path"),
+        "{}",
+        err("nbd,server.type=unix")
+    );
+    assert!(err("nbd,server.type=unix,server.path=/s,bogus=1").contains("bogus"));
+}

@@ -1,0 +1,1103 @@
+//! One data-plane queue of an `nbd` node: one connection, driven without
+//! blocking by the thread that owns the queue.
+//!
+//! - Out: a request becomes a 28-byte header, and a WRITE's payload is
+//!   sent with `sendmsg` straight from the caller's iovecs; what the
+//!   socket does not take waits for it to become writable.
+//! - In: replies (simple, or structured chunks) are parsed from a
+//!   receive buffer; READ data is copied from it into the caller's
+//!   buffers, or, for large payloads, read straight into them.
+//! - The completion fd is an epoll instance watching the socket, an
+//!   eventfd (completions made on this thread, a reconnection) and a
+//!   timerfd (the end of `reconnect-delay`): one fd, readable whenever
+//!   `poll_completions` has something to do.
+//!
+//! The server is untrusted: a reply for a cookie not in flight, data
+//! outside the request, an unknown chunk type or an oversized chunk ends
+//! the connection as lost (requests fail with EIO or wait for the
+//! reconnection); nothing is written outside the request's buffers.
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::handshake::Socket;
+use super::{lock, request_header, Shared};
+use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
+use crate::nbd::proto::*;
+use crate::node::{NodeQueue, Precheck};
+use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
+use crate::{sys, BlockError};
+
+/// NBD_REPLY_TYPE_OFFSET_HOLE.
+const CHUNK_OFFSET_HOLE: u16 = 2;
+/// NBD_REPLY_TYPE_ERROR_OFFSET.
+const CHUNK_ERROR_OFFSET: u16 = (1 << 15) + 2;
+/// Largest chunk payload other than READ data taken from a server.
+const SMALL_MAX: usize = 64 << 10;
+/// The receive buffer (several small replies per system call).
+const INBUF: usize = 256 << 10;
+/// READ data at least this large is read straight into the caller's
+/// buffers rather than copied from the receive buffer.
+const DIRECT_MIN: usize = 16 << 10;
+/// iovecs per `sendmsg`/`readv`.
+const MAX_IOV: usize = 256;
+
+const TOKEN_EVENT: u64 = 0;
+const TOKEN_SOCKET: u64 = 1;
+const TOKEN_TIMER: u64 = 2;
+
+/// A request on the wire (or waiting for the connection).
+struct Slot {
+    req: Request,
+    /// The command this step sends (a FUA write the server cannot do is
+    /// a WRITE, then a FLUSH).
+    cmd: u16,
+    flags: u16,
+    /// Flush once the write is done (FUA without NBD_FLAG_SEND_FUA).
+    then_flush: bool,
+    /// The first error a chunk reported.
+    error: u32,
+}
+
+/// A piece of the output: bytes of `out_bytes`, or a WRITE's payload.
+enum Seg {
+    Own(usize),
+    Data(u32),
+}
+
+/// Where the reply parser is.
+#[derive(Clone, Copy)]
+enum Rx {
+    Header,
+    /// OFFSET_DATA: its 8-byte offset comes next.
+    Offset {
+        slot: u32,
+        flags: u16,
+        len: u32,
+    },
+    /// READ data into the request's buffers.
+    Data {
+        slot: u32,
+        pos: usize,
+        left: usize,
+        done: bool,
+    },
+    /// A chunk whose whole payload is parsed at once.
+    Small {
+        slot: u32,
+        flags: u16,
+        kind: u16,
+        len: usize,
+    },
+}
+
+/// A connection being re-established by a background thread.
+struct Reconnect {
+    socket: Mutex<Option<Socket>>,
+    ready: AtomicBool,
+    cancel: AtomicBool,
+}
+
+enum Link {
+    Up(Socket),
+    Down {
+        since: Instant,
+        reconnect: Arc<Reconnect>,
+    },
+}
+
+/// A queue of an [`super::NbdNode`].
+pub(super) struct NbdQueue {
+    shared: Arc<Shared>,
+    link: Link,
+    epoll: OwnedFd,
+    eventfd: Arc<EventFd>,
+    timer: TimerFd,
+    /// When the timer fires (requests stop waiting for the connection).
+    timer_due: Option<Instant>,
+    local: LocalCompletions,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    used: usize,
+    /// Requests waiting for the connection (reconnect-delay).
+    waiting: Vec<u32>,
+    out_bytes: Vec<u8>,
+    own_pos: usize,
+    segs: VecDeque<Seg>,
+    /// Bytes of the first segment already sent.
+    first_off: usize,
+    watching_out: bool,
+    inbuf: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    rx: Rx,
+    iov: IovScratch,
+}
+
+/// iovecs built for one system call and dropped after it.
+struct IovScratch(Vec<libc::iovec>);
+
+// SAFETY: the pointers are only used during the call that built them, on
+// the thread that owns the queue; between calls the vector is cleared
+// before use.
+unsafe impl Send for IovScratch {}
+
+fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: a valid epoll instance and event struct; the kernel copies it.
+    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn os_error(what: &str, e: io::Error) -> BlockError {
+    BlockError::Os {
+        what: what.into(),
+        source: e,
+    }
+}
+
+/// Appends to `out` iovecs covering `len` bytes of `iovecs` from `skip`.
+fn sub_iovecs(iovecs: &[libc::iovec], mut skip: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+    for v in iovecs {
+        if len == 0 || out.len() >= MAX_IOV {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        out.push(libc::iovec {
+            // SAFETY: `skip` is within this iovec.
+            iov_base: unsafe { (v.iov_base as *mut u8).add(skip) }.cast(),
+            iov_len: n,
+        });
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Zeroes `len` bytes of `iovecs` from `skip`.
+fn zero_range(iovecs: &[libc::iovec], skip: usize, len: usize) {
+    static ZERO: [u8; 4096] = [0; 4096];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZERO.len());
+        sys::copy_to_iovecs(iovecs, skip + done, &ZERO[..n]);
+        done += n;
+    }
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(x)
+}
+
+/// The host errno for a protocol error value.
+fn errno(e: u32) -> i32 {
+    match e {
+        err::EPERM
+        | err::ENOMEM
+        | err::EINVAL
+        | err::ENOSPC
+        | err::EOVERFLOW
+        | err::ENOTSUP
+        | err::ESHUTDOWN => e as i32,
+        _ => libc::EIO,
+    }
+}
+
+impl NbdQueue {
+    pub fn new(shared: Arc<Shared>, sock: Socket) -> Result<Self, BlockError> {
+        sock.set_nonblocking(true)
+            .map_err(|e| os_error("make the NBD socket non-blocking", e))?;
+        // SAFETY: epoll_create1 returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_error(
+                "create an epoll instance",
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = Arc::new(new_eventfd()?);
+        let timer = TimerFd::new().map_err(|e| os_error("create a timerfd", e.into()))?;
+        epoll_ctl(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            eventfd.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOKEN_EVENT,
+        )
+        .and_then(|()| {
+            epoll_ctl(
+                &epoll,
+                libc::EPOLL_CTL_ADD,
+                timer.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                TOKEN_TIMER,
+            )
+        })
+        .and_then(|()| {
+            epoll_ctl(
+                &epoll,
+                libc::EPOLL_CTL_ADD,
+                sock.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                TOKEN_SOCKET,
+            )
+        })
+        .map_err(|e| os_error("watch the NBD socket", e))?;
+        Ok(NbdQueue {
+            shared,
+            link: Link::Up(sock),
+            epoll,
+            local: LocalCompletions::new(eventfd.clone()),
+            eventfd,
+            timer,
+            timer_due: None,
+            slots: Vec::new(),
+            free: Vec::new(),
+            used: 0,
+            waiting: Vec::new(),
+            out_bytes: Vec::with_capacity(4096),
+            own_pos: 0,
+            segs: VecDeque::new(),
+            first_off: 0,
+            watching_out: false,
+            inbuf: vec![0u8; INBUF].into_boxed_slice(),
+            in_start: 0,
+            in_end: 0,
+            rx: Rx::Header,
+            iov: IovScratch(Vec::with_capacity(MAX_IOV)),
+        })
+    }
+
+    fn alloc(&mut self, s: Slot) -> u32 {
+        self.used += 1;
+        if let Some(i) = self.free.pop() {
+            self.slots[i as usize] = Some(s);
+            i
+        } else {
+            self.slots.push(Some(s));
+            (self.slots.len() - 1) as u32
+        }
+    }
+
+    fn slot(&self, i: u32) -> &Slot {
+        self.slots[i as usize].as_ref().expect("slot in use")
+    }
+
+    fn slot_mut(&mut self, i: u32) -> &mut Slot {
+        self.slots[i as usize].as_mut().expect("slot in use")
+    }
+
+    fn release(&mut self, i: u32) -> Slot {
+        let s = self.slots[i as usize].take().expect("slot in use");
+        self.free.push(i);
+        self.used -= 1;
+        s
+    }
+
+    /// Queues a slot's request on the output.
+    fn send(&mut self, i: u32) {
+        let s = self.slot(i);
+        let (cmd, flags) = (s.cmd, s.flags);
+        let (offset, len) = match cmd {
+            cmd::FLUSH => (0, 0),
+            _ => (s.req.offset(), s.req.len() as u32),
+        };
+        request_header(&mut self.out_bytes, flags, cmd, u64::from(i), offset, len);
+        self.segs.push_back(Seg::Own(REQUEST_LEN));
+        if cmd == cmd::WRITE && len > 0 {
+            self.segs.push_back(Seg::Data(i));
+        }
+    }
+
+    fn socket_fd(&self) -> Option<RawFd> {
+        match &self.link {
+            Link::Up(s) => Some(s.as_raw_fd()),
+            Link::Down { .. } => None,
+        }
+    }
+
+    fn watch_out(&mut self, on: bool) {
+        if self.watching_out == on {
+            return;
+        }
+        if let Some(fd) = self.socket_fd() {
+            let mut ev = libc::EPOLLIN as u32;
+            if on {
+                ev |= libc::EPOLLOUT as u32;
+            }
+            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_MOD, fd, ev, TOKEN_SOCKET);
+        }
+        self.watching_out = on;
+    }
+
+    /// Sends what the socket takes of the output.
+    fn flush_output(&mut self) -> Result<(), String> {
+        let Some(fd) = self.socket_fd() else {
+            return Ok(());
+        };
+        while !self.segs.is_empty() {
+            self.iov.0.clear();
+            let mut own = self.own_pos;
+            let mut skip = self.first_off;
+            for seg in self.segs.iter() {
+                if self.iov.0.len() >= MAX_IOV {
+                    break;
+                }
+                match *seg {
+                    Seg::Own(n) => {
+                        self.iov.0.push(libc::iovec {
+                            // SAFETY: own + skip < own + n <= out_bytes.len().
+                            iov_base: unsafe { self.out_bytes.as_ptr().add(own + skip) } as *mut _,
+                            iov_len: n - skip,
+                        });
+                        own += n;
+                    }
+                    Seg::Data(i) => {
+                        let req = &self.slots[i as usize].as_ref().expect("slot in use").req;
+                        let len = req.len() as usize - skip;
+                        sub_iovecs(req.iovecs(), skip, len, &mut self.iov.0);
+                    }
+                }
+                skip = 0;
+            }
+            // SAFETY: a zeroed msghdr is valid; we set its iovec array.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iov.0.as_mut_ptr();
+            msg.msg_iovlen = self.iov.0.len() as _;
+            // SAFETY: every iovec points into `out_bytes` or into a
+            // request's buffers, valid for reads until its completion.
+            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        self.watch_out(true);
+                        return Ok(());
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(format!("send: {e}")),
+                }
+            }
+            self.advance(n as usize);
+        }
+        self.out_bytes.clear();
+        self.own_pos = 0;
+        self.watch_out(false);
+        Ok(())
+    }
+
+    /// Drops `n` sent bytes from the front of the output.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(seg) = self.segs.front() else {
+                break;
+            };
+            let seg_len = match *seg {
+                Seg::Own(len) => len,
+                Seg::Data(i) => self.slot(i).req.len() as usize,
+            };
+            let rest = seg_len - self.first_off;
+            if n < rest {
+                self.first_off += n;
+                return;
+            }
+            n -= rest;
+            if let Some(Seg::Own(len)) = self.segs.pop_front() {
+                self.own_pos += len;
+            }
+            self.first_off = 0;
+        }
+    }
+
+    /// Looks up a reply's cookie.
+    fn slot_for(&self, cookie: u64) -> Result<u32, String> {
+        let i = cookie as usize;
+        if cookie < self.slots.len() as u64 && self.slots[i].is_some() {
+            Ok(i as u32)
+        } else {
+            Err(format!("reply for cookie {cookie}, which is not in flight"))
+        }
+    }
+
+    /// A request's last reply came.
+    fn finish(&mut self, i: u32, out: &mut Vec<Completion>) {
+        let s = self.slot_mut(i);
+        if s.error == 0 && s.then_flush && s.cmd == cmd::WRITE {
+            s.cmd = cmd::FLUSH;
+            s.flags = 0;
+            self.send(i);
+            return;
+        }
+        let s = self.release(i);
+        let result = if s.error != 0 {
+            Err(RequestError::Os(errno(s.error)))
+        } else if s.req.op() == RequestOp::Flush {
+            Ok(0)
+        } else {
+            Ok(s.req.len())
+        };
+        out.push(Completion {
+            request: s.req,
+            result,
+        });
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.in_start += n;
+        if self.in_start == self.in_end {
+            self.in_start = 0;
+            self.in_end = 0;
+        }
+    }
+
+    /// Parses the replies in the receive buffer.
+    fn parse(&mut self, out: &mut Vec<Completion>) -> Result<(), String> {
+        loop {
+            let avail = self.in_end - self.in_start;
+            let b = &self.inbuf[self.in_start..self.in_end];
+            match self.rx {
+                Rx::Header => {
+                    if avail < 4 {
+                        return Ok(());
+                    }
+                    match be32(b) {
+                        SIMPLE_REPLY_MAGIC => {
+                            if avail < 16 {
+                                return Ok(());
+                            }
+                            let error = be32(&b[4..]);
+                            let i = self.slot_for(be64(&b[8..]))?;
+                            self.consume(16);
+                            let structured = self.shared.info.structured;
+                            let s = self.slot_mut(i);
+                            if error != 0 {
+                                s.error = error;
+                                self.finish(i, out);
+                            } else if s.cmd == cmd::READ {
+                                if structured {
+                                    return Err("a simple reply with data to a READ after \
+                                                structured replies were negotiated"
+                                        .into());
+                                }
+                                let left = s.req.len() as usize;
+                                self.rx = Rx::Data {
+                                    slot: i,
+                                    pos: 0,
+                                    left,
+                                    done: true,
+                                };
+                            } else {
+                                self.finish(i, out);
+                            }
+                        }
+                        STRUCTURED_REPLY_MAGIC => {
+                            if avail < 20 {
+                                return Ok(());
+                            }
+                            let flags = be16(&b[4..]);
+                            let kind = be16(&b[6..]);
+                            let cookie = be64(&b[8..]);
+                            let len = be32(&b[16..]);
+                            let i = self.slot_for(cookie)?;
+                            self.consume(20);
+                            let is_read = self.slot(i).cmd == cmd::READ;
+                            match kind {
+                                chunk::OFFSET_DATA if is_read && len > 8 => {
+                                    self.rx = Rx::Offset {
+                                        slot: i,
+                                        flags,
+                                        len,
+                                    };
+                                }
+                                chunk::NONE if len == 0 && flags & chunk::FLAG_DONE != 0 => {
+                                    self.finish(i, out);
+                                }
+                                CHUNK_OFFSET_HOLE if is_read && len == 12 => {
+                                    self.rx = Rx::Small {
+                                        slot: i,
+                                        flags,
+                                        kind,
+                                        len: 12,
+                                    };
+                                }
+                                k if k & (1 << 15) != 0
+                                    && (6..=SMALL_MAX as u32).contains(&len) =>
+                                {
+                                    self.rx = Rx::Small {
+                                        slot: i,
+                                        flags,
+                                        kind,
+                                        len: len as usize,
+                                    };
+                                }
+                                k => {
+                                    return Err(format!(
+                                        "reply chunk of type {k} with {len} bytes \
+                                         to command {}",
+                                        self.slot(i).cmd
+                                    ))
+                                }
+                            }
+                        }
+                        m => return Err(format!("bad reply magic {m:#x}")),
+                    }
+                }
+                Rx::Offset { slot, flags, len } => {
+                    if avail < 8 {
+                        return Ok(());
+                    }
+                    let off = be64(b);
+                    self.consume(8);
+                    let req = &self.slot(slot).req;
+                    let data = u64::from(len - 8);
+                    let inside = off >= req.offset()
+                        && off
+                            .checked_add(data)
+                            .is_some_and(|end| end <= req.offset() + req.len());
+                    if !inside {
+                        return Err(format!(
+                            "READ data at {off} (+{data}) outside the request at {} (+{})",
+                            req.offset(),
+                            req.len()
+                        ));
+                    }
+                    self.rx = Rx::Data {
+                        slot,
+                        pos: (off - req.offset()) as usize,
+                        left: data as usize,
+                        done: flags & chunk::FLAG_DONE != 0,
+                    };
+                }
+                Rx::Data {
+                    slot,
+                    pos,
+                    left,
+                    done,
+                } => {
+                    if avail == 0 {
+                        return Ok(());
+                    }
+                    let n = avail.min(left);
+                    sys::copy_to_iovecs(self.slot(slot).req.iovecs(), pos, &b[..n]);
+                    self.consume(n);
+                    self.data_progress(slot, pos + n, left - n, done, out);
+                }
+                Rx::Small {
+                    slot,
+                    flags,
+                    kind,
+                    len,
+                } => {
+                    if avail < len {
+                        if self.in_start + len > self.inbuf.len() {
+                            self.inbuf.copy_within(self.in_start..self.in_end, 0);
+                            self.in_end -= self.in_start;
+                            self.in_start = 0;
+                        }
+                        return Ok(());
+                    }
+                    let p = &b[..len];
+                    if kind == CHUNK_OFFSET_HOLE {
+                        let (off, hlen) = (be64(p), u64::from(be32(&p[8..])));
+                        let req = &self.slot(slot).req;
+                        let inside = off >= req.offset()
+                            && off
+                                .checked_add(hlen)
+                                .is_some_and(|end| end <= req.offset() + req.len());
+                        if !inside || hlen == 0 {
+                            return Err(format!(
+                                "hole at {off} (+{hlen}) outside the request at {} (+{})",
+                                req.offset(),
+                                req.len()
+                            ));
+                        }
+                        zero_range(req.iovecs(), (off - req.offset()) as usize, hlen as usize);
+                    } else {
+                        let e = be32(p);
+                        let msg_len = usize::from(be16(&p[4..]));
+                        let min = if kind == CHUNK_ERROR_OFFSET { 14 } else { 6 };
+                        if min + msg_len > len {
+                            return Err(format!(
+                                "error chunk of {len} bytes with a {msg_len}-byte message"
+                            ));
+                        }
+                        let s = self.slot_mut(slot);
+                        if s.error == 0 {
+                            s.error = if e == 0 { err::EIO } else { e };
+                        }
+                    }
+                    self.consume(len);
+                    self.rx = Rx::Header;
+                    if flags & chunk::FLAG_DONE != 0 {
+                        self.finish(slot, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn data_progress(
+        &mut self,
+        slot: u32,
+        pos: usize,
+        left: usize,
+        done: bool,
+        out: &mut Vec<Completion>,
+    ) {
+        if left > 0 {
+            self.rx = Rx::Data {
+                slot,
+                pos,
+                left,
+                done,
+            };
+            return;
+        }
+        self.rx = Rx::Header;
+        if done {
+            self.finish(slot, out);
+        }
+    }
+
+    /// Reads and parses what the socket has.
+    fn receive(&mut self, out: &mut Vec<Completion>) -> Result<(), String> {
+        let Link::Up(sock) = &mut self.link else {
+            return Ok(());
+        };
+        let fd = sock.as_raw_fd();
+        loop {
+            self.parse(out)?;
+            if let Rx::Data {
+                slot,
+                pos,
+                left,
+                done,
+            } = self.rx
+            {
+                if left >= DIRECT_MIN && self.in_start == self.in_end {
+                    let mut iov = std::mem::take(&mut self.iov.0);
+                    iov.clear();
+                    sub_iovecs(self.slot(slot).req.iovecs(), pos, left, &mut iov);
+                    self.iov.0 = iov;
+                    // SAFETY: the iovecs lie within the request's buffers,
+                    // valid for writes until its completion.
+                    let n =
+                        unsafe { libc::readv(fd, self.iov.0.as_ptr(), self.iov.0.len() as i32) };
+                    match n {
+                        0 => return Err("the server closed the connection".into()),
+                        n if n < 0 => {
+                            let e = io::Error::last_os_error();
+                            match e.kind() {
+                                io::ErrorKind::WouldBlock => return Ok(()),
+                                io::ErrorKind::Interrupted => continue,
+                                _ => return Err(format!("receive: {e}")),
+                            }
+                        }
+                        n => {
+                            let n = n as usize;
+                            self.data_progress(slot, pos + n, left - n, done, out);
+                            continue;
+                        }
+                    }
+                }
+            }
+            if self.in_end == self.inbuf.len() {
+                // Only a Small chunk waits with a full buffer, and it was
+                // moved to the front: cannot happen, but never spin.
+                return Err("receive buffer full".into());
+            }
+            let Link::Up(sock) = &mut self.link else {
+                return Ok(());
+            };
+            match sock.read(&mut self.inbuf[self.in_end..]) {
+                Ok(0) => return Err("the server closed the connection".into()),
+                Ok(n) => self.in_end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("receive: {e}")),
+            }
+        }
+    }
+
+    /// The connection is gone: requests fail, or wait for the next one.
+    fn lose(&mut self, why: &str) {
+        let delay = self.shared.reconnect_delay;
+        let since = Instant::now();
+        if let Link::Up(sock) = &self.link {
+            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, sock.as_raw_fd(), 0, 0);
+            sock.shutdown();
+            eprintln!(
+                "nbd: node '{}': connection to {} lost ({why}); reconnecting",
+                self.shared.common.name, self.shared.target.what
+            );
+        }
+        let reconnect = Arc::new(Reconnect {
+            socket: Mutex::new(None),
+            ready: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+        });
+        self.link = Link::Down {
+            since,
+            reconnect: reconnect.clone(),
+        };
+        self.watching_out = false;
+        self.rx = Rx::Header;
+        self.in_start = 0;
+        self.in_end = 0;
+        self.out_bytes.clear();
+        self.own_pos = 0;
+        self.segs.clear();
+        self.first_off = 0;
+        for i in 0..self.slots.len() as u32 {
+            if self.slots[i as usize].is_none() || self.waiting.contains(&i) {
+                continue;
+            }
+            if delay.is_zero() {
+                let s = self.release(i);
+                self.local.push(Completion {
+                    request: s.req,
+                    result: Err(RequestError::Os(libc::EIO)),
+                });
+            } else {
+                let s = self.slot_mut(i);
+                s.error = 0;
+                if s.then_flush && s.cmd == cmd::FLUSH && s.req.op() == RequestOp::Write {
+                    // The write may not have been durable: do both again.
+                    s.cmd = cmd::WRITE;
+                    s.flags = 0;
+                }
+                self.waiting.push(i);
+            }
+        }
+        if !delay.is_zero() {
+            let due = since + delay;
+            self.timer_due = Some(due);
+            let _ = self.timer.reset(
+                due.saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1)),
+                None,
+            );
+        }
+        let shared = self.shared.clone();
+        let eventfd = self.eventfd.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-reconnect".into())
+            .spawn(move || reconnect_loop(&shared, &reconnect, &eventfd));
+        if let Err(e) = spawned {
+            eprintln!("nbd: cannot start a reconnect thread: {e}");
+        }
+    }
+
+    /// Fails the requests that waited for the connection too long.
+    fn expire(&mut self) {
+        self.timer_due = None;
+        let _ = self.timer.reset(Duration::ZERO, None);
+        for i in std::mem::take(&mut self.waiting) {
+            let s = self.release(i);
+            self.local.push(Completion {
+                request: s.req,
+                result: Err(RequestError::Os(libc::EIO)),
+            });
+        }
+    }
+
+    /// Takes a connection the reconnect thread made.
+    fn reconnected(&mut self) {
+        let Link::Down { reconnect, .. } = &self.link else {
+            return;
+        };
+        if !reconnect.ready.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(sock) = lock(&reconnect.socket).take() else {
+            return;
+        };
+        if let Err(e) = epoll_ctl(
+            &self.epoll,
+            libc::EPOLL_CTL_ADD,
+            sock.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOKEN_SOCKET,
+        ) {
+            eprintln!("nbd: cannot watch the new connection: {e}");
+            return;
+        }
+        eprintln!(
+            "nbd: node '{}': reconnected to {}",
+            self.shared.common.name, self.shared.target.what
+        );
+        self.link = Link::Up(sock);
+        if self.timer_due.take().is_some() {
+            let _ = self.timer.reset(Duration::ZERO, None);
+        }
+        for i in std::mem::take(&mut self.waiting) {
+            self.send(i);
+        }
+    }
+
+    /// Everything `poll_completions` does but the accounting.
+    fn run(&mut self, out: &mut Vec<Completion>) {
+        if self.local.drain_into(out) {
+            clear_eventfd(&self.eventfd);
+        }
+        if let Link::Down { reconnect, .. } = &self.link {
+            if reconnect.ready.load(Ordering::Acquire) {
+                clear_eventfd(&self.eventfd);
+                self.reconnected();
+            }
+        }
+        if self.timer_due.is_some_and(|d| d <= Instant::now()) {
+            self.expire();
+        }
+        if let Err(why) = self.receive(out).and_then(|()| self.flush_output()) {
+            self.lose(&why);
+        }
+        self.local.drain_into(out);
+        clear_eventfd(&self.eventfd);
+    }
+
+    fn within_delay(&self) -> bool {
+        match &self.link {
+            Link::Up(_) => true,
+            Link::Down { since, .. } => {
+                !self.shared.reconnect_delay.is_zero()
+                    && since.elapsed() < self.shared.reconnect_delay
+            }
+        }
+    }
+}
+
+/// Reconnects in the background, with a growing pause between tries.
+fn reconnect_loop(shared: &Shared, r: &Reconnect, eventfd: &EventFd) {
+    let mut pause = Duration::from_millis(50);
+    let mut reported = false;
+    while !r.cancel.load(Ordering::Acquire) {
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+        if r.cancel.load(Ordering::Acquire) {
+            break;
+        }
+        let made = shared
+            .target
+            .connect()
+            .and_then(|(s, info)| shared.check_same(&info).map(|()| s))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s));
+        match made {
+            Ok(s) => {
+                *lock(&r.socket) = Some(s);
+                r.ready.store(true, Ordering::Release);
+                let _ = eventfd.write(1);
+                return;
+            }
+            Err(e) if !reported => {
+                eprintln!("nbd: reconnecting to {}: {e}", shared.target.what);
+                reported = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl NodeQueue for NbdQueue {
+    fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
+        // A connection made since the last poll serves this request.
+        self.reconnected();
+        let sh = &self.shared;
+        let req = match sh.common.precheck(req, sh.info.size)? {
+            Precheck::Done(c) => {
+                self.local.push_quiet(c);
+                return Ok(());
+            }
+            Precheck::Forward(r) => r,
+        };
+        let info = &sh.info;
+        let refuse = |req, error| {
+            Err(SubmitError {
+                request: req,
+                error,
+            })
+        };
+        let mut then_flush = false;
+        let (cmd, flags) = match req.op() {
+            RequestOp::Read | RequestOp::Write if req.len() > u64::from(info.max_block) => {
+                return refuse(req, RequestError::Limits)
+            }
+            RequestOp::Read | RequestOp::Write if req.is_empty() => {
+                self.local.push_quiet(Completion {
+                    request: req,
+                    result: Ok(0),
+                });
+                return Ok(());
+            }
+            RequestOp::Read => (cmd::READ, 0),
+            RequestOp::Write => {
+                let fua = req.flags().fua;
+                if fua && info.has(tflag::SEND_FUA) {
+                    (cmd::WRITE, cflag::FUA)
+                } else {
+                    then_flush = fua && info.has(tflag::SEND_FLUSH);
+                    (cmd::WRITE, 0)
+                }
+            }
+            RequestOp::Flush if !info.has(tflag::SEND_FLUSH) => {
+                // No volatile cache on the server: nothing to flush.
+                self.local.push_quiet(Completion {
+                    request: req,
+                    result: Ok(0),
+                });
+                return Ok(());
+            }
+            RequestOp::Flush => (cmd::FLUSH, 0),
+            RequestOp::Discard | RequestOp::WriteZeroes if req.len() > u64::from(u32::MAX) => {
+                return refuse(req, RequestError::Limits)
+            }
+            RequestOp::Discard if !info.has(tflag::SEND_TRIM) => {
+                // Discard is advisory.
+                let len = req.len();
+                self.local.push_quiet(Completion {
+                    request: req,
+                    result: Ok(len),
+                });
+                return Ok(());
+            }
+            RequestOp::Discard => (cmd::TRIM, 0),
+            RequestOp::WriteZeroes if !info.has(tflag::SEND_WRITE_ZEROES) => {
+                return refuse(req, RequestError::Unsupported)
+            }
+            RequestOp::WriteZeroes => {
+                let mut f = 0;
+                if !req.flags().may_unmap {
+                    f |= cflag::NO_HOLE;
+                }
+                if req.flags().fua && info.has(tflag::SEND_FUA) {
+                    f |= cflag::FUA;
+                }
+                (cmd::WRITE_ZEROES, f)
+            }
+        };
+        if !self.within_delay() {
+            return refuse(req, RequestError::Os(libc::EIO));
+        }
+        let i = self.alloc(Slot {
+            req,
+            cmd,
+            flags,
+            then_flush,
+            error: 0,
+        });
+        match self.link {
+            Link::Up(_) => self.send(i),
+            Link::Down { .. } => self.waiting.push(i),
+        }
+        Ok(())
+    }
+
+    fn kick(&mut self) {
+        if !self.segs.is_empty() {
+            if let Err(why) = self.flush_output() {
+                self.lose(&why);
+            }
+        }
+        self.local.signal();
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
+        let start = out.len();
+        self.run(out);
+        for c in &out[start..] {
+            self.shared
+                .stats
+                .record(c.request.op(), c.request.start, &c.result);
+        }
+        out.len() - start
+    }
+
+    fn in_flight(&self) -> usize {
+        self.used + self.local.len()
+    }
+
+    fn complete_now(&mut self, c: Completion) {
+        self.local.push(c);
+    }
+}
+
+impl Drop for NbdQueue {
+    fn drop(&mut self) {
+        // Let what is in flight finish (its buffers are the caller's until
+        // then), for a while.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut sink = Vec::new();
+        while self.used > 0 && matches!(self.link, Link::Up(_)) && Instant::now() < deadline {
+            self.kick();
+            let mut p = libc::pollfd {
+                fd: self.epoll.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut p, 1, 100) };
+            self.run(&mut sink);
+            sink.clear();
+        }
+        match std::mem::replace(
+            &mut self.link,
+            Link::Down {
+                since: Instant::now(),
+                reconnect: Arc::new(Reconnect {
+                    socket: Mutex::new(None),
+                    ready: AtomicBool::new(false),
+                    cancel: AtomicBool::new(true),
+                }),
+            },
+        ) {
+            Link::Up(sock) => {
+                let clean = self.used == 0
+                    && self.segs.is_empty()
+                    && self.in_start == self.in_end
+                    && matches!(self.rx, Rx::Header);
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, sock.as_raw_fd(), 0, 0);
+                if clean {
+                    self.shared.give_back(sock);
+                } else {
+                    sock.shutdown();
+                }
+            }
+            Link::Down { reconnect, .. } => {
+                reconnect.cancel.store(true, Ordering::Release);
+                // A connection made meanwhile is a good idle one.
+                if let Some(s) = lock(&reconnect.socket).take() {
+                    self.shared.give_back(s);
+                }
+            }
+        }
+        self.shared.queue_closed();
+    }
+}
