@@ -8,10 +8,11 @@
 //!   connection idle for the first queue;
 //! - each data-plane queue ([`queue`]) owns one connection and runs it
 //!   as a non-blocking state machine on its thread: requests go out with
-//!   `writev` straight from the caller's iovecs, replies land in the
-//!   caller's buffers. A second queue opens a second connection only
-//!   when the server says `NBD_FLAG_CAN_MULTI_CONN` (as QEMU, which uses
-//!   one connection otherwise);
+//!   `sendmsg` straight from the caller's iovecs, replies land in the
+//!   caller's buffers. A second queue of a writable node opens a second
+//!   connection only when the server says `NBD_FLAG_CAN_MULTI_CONN` (a
+//!   flush must cover every connection's writes); a read-only node opens
+//!   as many as it has queues;
 //! - a lost connection fails its requests with EIO, or, with
 //!   `reconnect-delay=N`, keeps them up to N seconds and sends them again
 //!   once a background thread has reconnected (QEMU's semantics).
@@ -335,11 +336,14 @@ impl BlockNode for NbdNode {
     fn open_queue(&self) -> Result<Box<dyn NodeQueue>, BlockError> {
         let sh = &self.shared;
         let others = sh.queues.fetch_add(1, Ordering::SeqCst);
-        if others > 0 && !sh.info.has(tflag::CAN_MULTI_CONN) {
+        // Without multi-conn a flush on one connection need not cover
+        // writes made on another: a writable node keeps to one. Readers
+        // need no such promise.
+        if others > 0 && !sh.info.has(tflag::CAN_MULTI_CONN) && !sh.common.read_only {
             sh.queues.fetch_sub(1, Ordering::SeqCst);
             return Err(BlockError::Invalid(format!(
                 "nbd: the server at {} does not allow multiple connections \
-                 (no NBD_FLAG_CAN_MULTI_CONN), so node '{}' serves one queue",
+                 (no NBD_FLAG_CAN_MULTI_CONN), so writable node '{}' serves one queue",
                 sh.target.what, sh.common.name
             )));
         }
@@ -374,7 +378,9 @@ impl BlockNode for NbdNode {
         let idle = lock(&sh.idle).pop();
         let sock = match idle {
             Some(s) => Some(s),
-            None if sh.info.has(tflag::CAN_MULTI_CONN) => sh.take_connection().ok(),
+            None if sh.info.has(tflag::CAN_MULTI_CONN) || sh.common.read_only => {
+                sh.take_connection().ok()
+            }
             None => None,
         };
         let Some(mut sock) = sock else {
