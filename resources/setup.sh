@@ -20,9 +20,10 @@ installed() {
 # the nested harness's L1 (resources/nested/); acpica-tools (iasl)
 # disassembles blkvm's ACPI tables in the vmm tests; python3-venv holds the
 # qemu.qmp client of the QMP tests; libnbd-bin (nbdinfo, nbdcopy) is a
-# client of the NBD server tests.
+# client of the NBD server tests, nbdkit a server of the NBD client tests;
+# openssl makes their TLS certificates.
 need=()
-for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev binutils libc-bin acpica-tools python3-venv libnbd-bin; do
+for pkg in qemu-utils fio e2fsprogs util-linux busybox-static cpio kmod gcc libc6-dev binutils libc-bin acpica-tools python3-venv libnbd-bin nbdkit openssl; do
     installed "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

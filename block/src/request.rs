@@ -32,6 +32,12 @@ pub struct RequestFlags {
     pub fua: bool,
     /// Write-zeroes may deallocate the range.
     pub may_unmap: bool,
+    /// Write-zeroes must not fall back to writing zero buffers: a node
+    /// that cannot zero the range with one cheap operation (a punched or
+    /// zeroed range, the device's own write-zeroes) fails it with
+    /// [`RequestError::Unsupported`] at once. QEMU's
+    /// `BDRV_REQ_NO_FALLBACK`; NBD's `NBD_CMD_FLAG_FAST_ZERO`.
+    pub no_fallback: bool,
 }
 
 /// Why a request failed. Small and `Copy`: it is made on the data path.
@@ -154,6 +160,14 @@ impl Request {
     pub fn write_zeroes(offset: u64, len: u64, may_unmap: bool) -> Self {
         let mut r = Self::new(RequestOp::WriteZeroes, offset, len, Vec::new());
         r.flags.may_unmap = may_unmap;
+        r
+    }
+
+    /// Zero `len` bytes at `offset` with every write-zeroes flag given
+    /// (`may_unmap`, `fua`, `no_fallback`).
+    pub fn write_zeroes_with(offset: u64, len: u64, flags: RequestFlags) -> Self {
+        let mut r = Self::new(RequestOp::WriteZeroes, offset, len, Vec::new());
+        r.flags = flags;
         r
     }
 

@@ -10,6 +10,13 @@
 //! socket are dropped on the IOThread and the server takes the spent
 //! subscriber off the thread at the next accept (fds stay flat over
 //! connects).
+//!
+//! With TLS credentials (`tls-creds`) every client must start TLS in the
+//! handshake; its transmission phase then runs over a non-blocking
+//! [`TlsStream`] on the IOThread. Bytes TLS has already taken off the
+//! socket wake no epoll, so after each event the worker reads on while
+//! the stream holds input, and watches `EPOLLOUT` while rustls holds
+//! output the socket did not take.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -21,7 +28,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use block::nbd::server::{handshake, Handshake, Interest, NbdConnection, NbdExportInfo};
+use block::nbd::server::{
+    handshake, Handshake, Interest, NbdConnection, NbdExportInfo, NbdSession,
+};
+use block::nbd::tls::{ServerConfig, ServerConnection, TlsStream};
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
 use vmm_sys_util::epoll::EventSet;
 
@@ -90,6 +100,70 @@ impl AsRawFd for Stream {
     }
 }
 
+/// A connection's byte stream in the transmission phase: the socket, or
+/// TLS over it.
+enum Transport {
+    Plain(Stream),
+    Tls(Box<TlsStream<ServerConnection, Stream>>),
+}
+
+impl Read for Transport {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.read(b),
+            Transport::Tls(t) => t.read(b),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.write(b),
+            Transport::Tls(t) => t.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(_) => Ok(()),
+            Transport::Tls(t) => t.flush_tls(),
+        }
+    }
+}
+
+impl AsRawFd for Transport {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket().as_raw_fd()
+    }
+}
+
+impl Transport {
+    fn socket(&self) -> &Stream {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(t) => t.get_ref(),
+        }
+    }
+
+    /// Input already off the socket (TLS only).
+    fn has_buffered_input(&mut self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(t) => t.has_buffered_input(),
+        }
+    }
+
+    /// Ends the session: TLS's close_notify if the socket takes it, then
+    /// the socket.
+    fn shutdown(&mut self) {
+        if let Transport::Tls(t) = self {
+            t.close();
+        }
+        self.socket().shutdown();
+    }
+}
+
 impl Stream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
@@ -124,6 +198,8 @@ struct Shared {
     /// Connections in their handshake or transmission phase.
     count: AtomicUsize,
     max_connections: Option<usize>,
+    /// TLS is required (`tls-creds`).
+    tls: Option<Arc<ServerConfig>>,
     stopping: AtomicBool,
 }
 
@@ -141,8 +217,13 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Listens on `addr` (a stale unix socket file is replaced) and
-    /// starts accepting. `max_connections` limits clients at once.
-    pub fn start(addr: NbdAddr, max_connections: Option<usize>) -> io::Result<Self> {
+    /// starts accepting. `max_connections` limits clients at once; with
+    /// `tls` every client must start TLS.
+    pub fn start(
+        addr: NbdAddr,
+        max_connections: Option<usize>,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> io::Result<Self> {
         let listener = match &addr {
             NbdAddr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
@@ -162,6 +243,7 @@ impl NbdServer {
             conns: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
             max_connections,
+            tls,
             stopping: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -297,16 +379,25 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
         .iter()
         .map(|(k, v)| (k.clone(), v.info.clone()))
         .collect();
-    let (name, info, neg) = match handshake(&mut stream, &offered) {
-        Ok(Handshake::Export(name, info, neg)) => (name, info, neg),
+    let session = match handshake(&mut stream, &offered, shared.tls.as_ref()) {
+        Ok(Handshake::Export(session)) => session,
         Ok(Handshake::Closed) => return false,
         Err(e) => {
-            if e.kind() != io::ErrorKind::UnexpectedEof {
+            // A client that just went away is not worth a line; a failed
+            // TLS handshake or a protocol error is.
+            use io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+            if !matches!(e.kind(), UnexpectedEof | BrokenPipe | ConnectionReset) {
                 eprintln!("nbd-server: handshake: {e}");
             }
             return false;
         }
     };
+    let NbdSession {
+        name,
+        info,
+        neg,
+        tls,
+    } = *session;
     let thread = lock(&shared.exports)
         .get(&name)
         .and_then(|e| e.iothread.clone())
@@ -322,9 +413,13 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
         }
     };
     let ended = Arc::new(AtomicBool::new(false));
+    let io = match tls {
+        Some(tls) => Transport::Tls(Box::new(TlsStream::new(tls, stream))),
+        None => Transport::Plain(stream),
+    };
     let worker = NbdWorker {
         conn: Some(NbdConnection::new(info, neg, queue)),
-        stream,
+        io,
         watching: Interest {
             read: true,
             write: false,
@@ -350,7 +445,7 @@ const COMPLETION: u32 = 1;
 /// One connection on its IOThread.
 struct NbdWorker {
     conn: Option<NbdConnection>,
-    stream: Stream,
+    io: Transport,
     /// What the socket is registered for.
     watching: Interest,
     ended: Arc<AtomicBool>,
@@ -374,15 +469,57 @@ impl NbdWorker {
             let fd = conn.completion_fd();
             let _ = ops.remove(Events::with_data_raw(fd, COMPLETION, EventSet::IN));
             let _ = ops.remove(Events::with_data(
-                &self.stream,
+                &self.io,
                 SOCKET,
                 socket_events(self.watching),
             ));
             // Waits for what is in flight, then frees the queue.
             drop(conn);
-            self.stream.shutdown();
+            self.io.shutdown();
             self.shared.count.fetch_sub(1, Ordering::SeqCst);
             self.ended.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// After any event: answers, reads on what TLS already holds, pushes
+    /// TLS output, and watches what the connection needs next.
+    fn service(&mut self, ops: &mut EventOps) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        loop {
+            // Answer at once; what the socket does not take waits for OUT.
+            conn.on_writable(&mut self.io);
+            conn.resume(&mut self.io);
+            // Input off the socket already (TLS) raises no EPOLLIN. Each
+            // round drains it or closes the connection, or stops at a
+            // limit that `interest` reports.
+            if !(conn.interest().read && self.io.has_buffered_input()) {
+                break;
+            }
+            conn.on_readable(&mut self.io);
+        }
+        let pending = match self.io.flush() {
+            Ok(()) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(_) => return self.end(ops),
+        };
+        let mut want = conn.interest();
+        if conn.is_closed() {
+            if !pending {
+                return self.end(ops);
+            }
+            // Closed with TLS output still queued (the last replies
+            // before NBD_CMD_DISC): deliver it first.
+            want = Interest {
+                read: false,
+                write: true,
+            };
+        }
+        want.write |= pending;
+        if want != self.watching {
+            let _ = ops.modify(Events::with_data(&self.io, SOCKET, socket_events(want)));
+            self.watching = want;
         }
     }
 }
@@ -395,23 +532,17 @@ impl MutEventSubscriber for NbdWorker {
         let set = events.event_set();
         match events.data() {
             SOCKET if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) => {
-                conn.on_readable(&mut self.stream);
+                if !conn.is_closed() {
+                    conn.on_readable(&mut self.io);
+                } else if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    // Draining TLS output to a peer that went away.
+                    return self.end(ops);
+                }
             }
             COMPLETION => conn.on_completions(),
             _ => {}
         }
-        // Answer at once; what the socket does not take waits for OUT.
-        conn.on_writable(&mut self.stream);
-        conn.resume(&mut self.stream);
-        if conn.is_closed() {
-            self.end(ops);
-            return;
-        }
-        let want = conn.interest();
-        if want != self.watching {
-            let _ = ops.modify(Events::with_data(&self.stream, SOCKET, socket_events(want)));
-            self.watching = want;
-        }
+        self.service(ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -420,12 +551,14 @@ impl MutEventSubscriber for NbdWorker {
         };
         let fd = conn.completion_fd();
         let r = ops
-            .add(Events::with_data(&self.stream, SOCKET, EventSet::IN))
+            .add(Events::with_data(&self.io, SOCKET, EventSet::IN))
             .and_then(|()| ops.add(Events::with_data_raw(fd, COMPLETION, EventSet::IN)));
         if let Err(e) = r {
             eprintln!("nbd-server: cannot watch a connection: {e:?}");
-            self.end(ops);
+            return self.end(ops);
         }
+        // Requests that came with the handshake's last TLS records.
+        self.service(ops);
     }
 }
 
@@ -439,7 +572,7 @@ impl IoSubscriber for NbdWorker {
 impl Drop for NbdWorker {
     fn drop(&mut self) {
         if self.conn.take().is_some() {
-            self.stream.shutdown();
+            self.io.shutdown();
             self.shared.count.fetch_sub(1, Ordering::SeqCst);
             self.ended.store(true, Ordering::SeqCst);
         }

@@ -1,8 +1,11 @@
 //! The NBD server's parsing of untrusted client bytes: the handshake
 //! (first part of the input, through an in-memory stream) and the
 //! transmission phase (the rest, fed to a connection over a null-co node
-//! in arbitrary splits). Nothing may panic; every reply must be well
-//! formed enough to have been written.
+//! in arbitrary splits), in the mode the handshake settled or, by the
+//! first byte's bits, with extended headers (32-byte requests, 64-bit
+//! lengths, PAYLOAD_LEN payloads) and `base:allocation` forced on.
+//! Nothing may panic; every reply must be well formed enough to have
+//! been written.
 
 #![no_main]
 
@@ -62,10 +65,17 @@ fuzz_target!(|data: &[u8]| {
         input: Cursor::new(hs),
         out: 0,
     };
-    let neg = match handshake(&mut s, &exports) {
-        Ok(Handshake::Export(_, _, n)) => n,
+    let mut neg = match handshake(&mut s, &exports, None) {
+        Ok(Handshake::Export(session)) => session.neg,
         _ => Default::default(),
     };
+    if data[0] & 2 != 0 {
+        neg.extended = true;
+        neg.structured = true;
+    }
+    if data[0] & 4 != 0 {
+        neg.base_allocation = true;
+    }
     let mut conn = NbdConnection::new(info, neg, node.open_queue().unwrap());
     // Arbitrary splits of the stream.
     for chunk in rest.chunks(usize::from(data[0]).max(1)) {

@@ -2,9 +2,9 @@
 //! flat union (qapi/qom.json): `qom-type` selects the type, `id` is common,
 //! the remaining members belong to the type.
 //!
-//! Only `iothread` exists so far. Parsing follows the same path as
-//! `BlockdevOptions` (see `block::parse`), for the same reason: the keyval
-//! form must keep its on-demand typing.
+//! `iothread` and `tls-creds-x509` exist. Parsing follows the same path
+//! as `BlockdevOptions` (see `block::parse`), for the same reason: the
+//! keyval form must keep its on-demand typing.
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -28,6 +28,8 @@ pub struct ObjectOptions {
 pub enum ObjectProperties {
     /// An I/O thread running devices' data planes.
     Iothread(IothreadProperties),
+    /// X.509 TLS credentials (NBD's TLS).
+    TlsCredsX509(TlsCredsX509Properties),
 }
 
 impl ObjectProperties {
@@ -35,8 +37,41 @@ impl ObjectProperties {
     pub fn qom_type(&self) -> &'static str {
         match self {
             Self::Iothread(_) => "iothread",
+            Self::TlsCredsX509(_) => "tls-creds-x509",
         }
     }
+}
+
+/// QEMU's `QCryptoTLSCredsEndpoint`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsCredsEndpoint {
+    /// Credentials of the side that connects (QEMU's default).
+    #[default]
+    Client,
+    /// Credentials of the side that listens.
+    Server,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `qom-type=tls-creds-x509` members (QEMU's `TlsCredsX509Properties`
+/// without `priority`, `sanity-check` and `passwordid`, which are
+/// GnuTLS's or need the secret objects blkvm does not have).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TlsCredsX509Properties {
+    /// The directory of `ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`, `client-cert.pem`, `client-key.pem`.
+    pub dir: String,
+    /// Which side the credentials are for.
+    #[serde(default)]
+    pub endpoint: TlsCredsEndpoint,
+    /// Check the peer's certificate (default on, as QEMU).
+    #[serde(default = "yes")]
+    pub verify_peer: bool,
 }
 
 /// `qom-type=iothread` members.
@@ -61,6 +96,7 @@ pub fn parse_object(arg: &str) -> Result<ObjectOptions, QapiError> {
 #[serde(rename_all = "kebab-case")]
 enum QomType {
     Iothread,
+    TlsCredsX509,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +109,7 @@ fn object_at(value: &Value, path: &str) -> Result<ObjectOptions, DeError> {
     let union = FlatUnion::new(value, path, "qom-type", &["id"])?;
     let properties = match union.tag()? {
         QomType::Iothread => ObjectProperties::Iothread(union.variant()?),
+        QomType::TlsCredsX509 => ObjectProperties::TlsCredsX509(union.variant()?),
     };
     let ObjectBase { id } = union.base()?;
     Ok(ObjectOptions { id, properties })
@@ -135,6 +172,32 @@ mod tests {
             err(r#"{"qom-type": "iothread", "id": 1}"#),
             "Invalid parameter type for 'id', expected: string"
         );
+    }
+
+    #[test]
+    fn tls_creds_x509_defaults_as_qemu() {
+        let o = parse_object("tls-creds-x509,id=tls0,dir=/etc/pki/qemu").unwrap();
+        assert_eq!(o.id, "tls0");
+        assert_eq!(o.properties.qom_type(), "tls-creds-x509");
+        let expected = TlsCredsX509Properties {
+            dir: "/etc/pki/qemu".into(),
+            endpoint: TlsCredsEndpoint::Client,
+            verify_peer: true,
+        };
+        assert_eq!(o.properties, ObjectProperties::TlsCredsX509(expected));
+        let o = parse_object("tls-creds-x509,id=t,dir=d,endpoint=server,verify-peer=off").unwrap();
+        let ObjectProperties::TlsCredsX509(p) = o.properties else {
+            panic!("not tls-creds-x509");
+        };
+        assert_eq!(
+            (p.endpoint, p.verify_peer),
+            (TlsCredsEndpoint::Server, false)
+        );
+        assert_eq!(
+            err("tls-creds-x509,id=t,dir=d,endpoint=both"),
+            "Parameter 'endpoint' does not accept value 'both'"
+        );
+        assert_eq!(err("tls-creds-x509,id=t"), "Parameter 'dir' is missing");
     }
 
     #[test]

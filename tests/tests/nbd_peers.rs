@@ -457,3 +457,456 @@ fn fio_nbd_engine_writes_and_verifies() -> Result<()> {
     );
     Ok(())
 }
+
+/// Runs qemu-io with `cmds` and QEMU's NBD client trace; returns stdout
+/// and stderr (the trace) together. qemu-io exits 0 even when a command
+/// fails: callers read its words.
+fn qemu_io_traced(pre: &[&str], target: &str, cmds: &[&str]) -> Result<String> {
+    let mut c = Command::new("qemu-io");
+    c.args(pre).args(["--trace", "nbd_*"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = c.arg(target).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// QEMU 8.2+ negotiates NBD_OPT_EXTENDED_HEADERS with our server (its
+/// trace shows the option acknowledged), then writes, reads, zeroes with
+/// NBD_CMD_FLAG_FAST_ZERO and maps the export over 32-byte requests and
+/// extended reply chunks (block status as BLOCK_STATUS_EXT).
+#[test]
+fn qemu_negotiates_extended_headers_and_reads_writes_zeroes_and_maps() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let img = image(dir.path(), "disk.img")?;
+    let sock = dir.path().join("nbd.sock");
+    let _d = daemon(&img, &sock, true)?;
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let out = qemu_io_traced(
+        &["-f", "raw"],
+        &uri,
+        &[
+            "write -P 0x3c 32M 1M",
+            "read -P 0x3c 32M 1M",
+            // FAST_ZERO (-n) and NO_HOLE: a file zeroes a range with one
+            // fallocate, so the fast zero is served.
+            "write -z -n 32M 256k",
+            "read -P 0 32M 256k",
+            "read -P 0x3c 33024k 768k",
+        ],
+    )?;
+    for want in [
+        "option request 11 (extended headers)",
+        "option reply 11 (extended headers), type 1 (ack)",
+        "flags = 0x1, type = 0 (none)",
+        "read 262144/262144 bytes at offset 33554432",
+        "read 786432/786432 bytes at offset 33816576",
+    ] {
+        ensure!(out.contains(want), "qemu-io lacks {want:?}:\n{out}");
+    }
+    ensure!(!out.contains("failed"), "a qemu-io command failed:\n{out}");
+    // The flags QEMU saw: FAST_ZERO and DF on offer.
+    let flags = out
+        .lines()
+        .find_map(|l| l.split("export flags 0x").nth(1))
+        .and_then(|f| u16::from_str_radix(f.trim(), 16).ok())
+        .context("no export flags in the trace")?;
+    ensure!(
+        flags & (1 << 11) != 0 && flags & (1 << 7) != 0,
+        "flags {flags:#x}"
+    );
+    // Block status over extended headers: 64-bit descriptors.
+    let map = Command::new("qemu-img")
+        .args(["--trace", "nbd_*", "map", "-f", "raw", "--output=json"])
+        .arg(&uri)
+        .output()?;
+    let trace = String::from_utf8_lossy(&map.stderr);
+    ensure!(
+        map.status.success() && trace.contains("type = 6"),
+        "qemu-img map did not get BLOCK_STATUS_EXT:\n{trace}"
+    );
+    Ok(())
+}
+
+/// Unmounts a ramfs when dropped.
+struct Ramfs(PathBuf);
+
+impl Ramfs {
+    /// ramfs has no fallocate at all: a file there cannot zero a range
+    /// but by writing zeroes (this needs root, as the tests have).
+    fn mount(at: &Path) -> Result<Self> {
+        std::fs::create_dir_all(at)?;
+        run(Command::new("mount")
+            .args(["-t", "ramfs", "blkvm-test"])
+            .arg(at))
+        .context("mounting a ramfs (the fast-zero test needs root)")?;
+        Ok(Ramfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// NBD_CMD_FLAG_FAST_ZERO where zeroing is not fast: a file on ramfs
+/// (no fallocate) refuses the fast zero at once with ENOTSUP, and zeroes
+/// the same range by hand when the client allows it.
+#[test]
+fn fast_zero_is_refused_where_the_node_would_zero_by_hand() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ram = Ramfs::mount(&dir.path().join("ram"))?;
+    let img = image(&ram.0, "disk.img")?;
+    let sock = dir.path().join("nbd.sock");
+    let d = daemon(&img, &sock, true)?;
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let out = qemu_io_traced(
+        &["-f", "raw"],
+        &uri,
+        &[
+            "write -z -n 0 64k",
+            "read -v 0 16",
+            "write -z 0 64k",
+            "read -P 0 0 64k",
+        ],
+    )?;
+    ensure!(
+        out.contains("Operation not supported"),
+        "the fast zero was not refused:\n{out}"
+    );
+    ensure!(
+        out.contains("read 65536/65536 bytes at offset 0")
+            && !out.contains("Pattern verification failed"),
+        "the slow zero did not zero:\n{out}"
+    );
+    drop(d);
+    drop(ram);
+    Ok(())
+}
+
+/// A CA, a server certificate for localhost and 127.0.0.1 and a client
+/// certificate, made with openssl in QEMU's `tls-creds-x509` layout;
+/// `anon` gets the CA certificate alone (a client without a certificate).
+fn make_certs(dir: &Path, anon: &Path) -> Result<()> {
+    let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-days", "3650"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-subj",
+                "/CN=blkvm test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    )?;
+    for (who, ext) in [
+        (
+            "server",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let key = format!("{who}-key.pem");
+        let subj = format!("/CN=blkvm test {who}");
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", "req.csr", "-subj", &subj],
+            ]
+            .concat(),
+        )?;
+        std::fs::write(
+            dir.join("ext.cnf"),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n{ext}"),
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &format!("{who}-cert.pem"),
+        ])?;
+    }
+    std::fs::create_dir_all(anon)?;
+    std::fs::copy(dir.join("ca-cert.pem"), anon.join("ca-cert.pem"))?;
+    Ok(())
+}
+
+fn tls_daemon(img: &Path, pki: &Path, addr: &str) -> Result<StorageDaemon> {
+    StorageDaemon::start_with_args(
+        Backend::Blkvm,
+        [
+            "--object".to_string(),
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                pki.display()
+            ),
+            "--blockdev".into(),
+            format!("file,node-name=f0,filename={}", img.display()),
+            "--nbd-server".into(),
+            format!("{addr},tls-creds=tls0"),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=f0,name=disk,writable=on".into(),
+        ],
+    )
+}
+
+/// The TLS server (`tls-creds`): QEMU's client and libnbd's start TLS and
+/// read, write and copy through it (QEMU with extended headers, over
+/// TLS); a client without TLS is refused naming TLS; a client without a
+/// certificate fails the handshake (verify-peer is on by default).
+#[test]
+fn tls_clients_are_served_and_others_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    let anon = dir.path().join("anon");
+    std::fs::create_dir_all(&pki)?;
+    make_certs(&pki, &anon)?;
+    let img = image(dir.path(), "disk.img")?;
+    let src = image(dir.path(), "src.img")?;
+    let sock = dir.path().join("nbd.sock");
+    let _d = tls_daemon(
+        &img,
+        &pki,
+        &format!("addr.type=unix,addr.path={}", sock.display()),
+    )?;
+
+    // QEMU's client: a unix socket needs tls-hostname to check the name.
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        pki.display()
+    );
+    let target = format!(
+        "driver=nbd,server.type=unix,server.path={},export=disk,tls-creds=tls0,tls-hostname=localhost",
+        sock.display()
+    );
+    let out = qemu_io_traced(
+        &["--object", &creds, "--image-opts"],
+        &target,
+        &["write -P 0x77 8M 2M", "read -P 0x77 8M 2M"],
+    )?;
+    for want in [
+        "option reply 5 (starttls), type 1 (ack)",
+        "option reply 11 (extended headers), type 1 (ack)",
+        "read 2097152/2097152 bytes at offset 8388608",
+    ] {
+        ensure!(
+            out.contains(want),
+            "qemu-io over TLS lacks {want:?}:\n{out}"
+        );
+    }
+    ensure!(!out.contains("failed"), "qemu-io over TLS:\n{out}");
+    // A whole image in and out: 64 MiB through the TLS stream both ways.
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "--object", &creds, "-f", "raw"])
+        .arg(&src)
+        .args(["--target-image-opts", &target]))?;
+    let tls_uri = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        sock.display(),
+        pki.display()
+    );
+    let back = dir.path().join("back.img");
+    run(Command::new("nbdcopy").arg(&tls_uri).arg(&back))?;
+    ensure!(
+        std::fs::read(&back)? == std::fs::read(&src)?,
+        "what came back over TLS differs"
+    );
+    let info = run(Command::new("nbdinfo").arg(&tls_uri))?;
+    ensure!(
+        info.contains("with TLS") && info.contains("can_fast_zero: true"),
+        "nbdinfo over TLS: {info}"
+    );
+
+    // Without TLS: refused, and the error says why.
+    let plain = Command::new("qemu-img")
+        .args([
+            "info",
+            &format!("nbd+unix:///disk?socket={}", sock.display()),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&plain.stderr);
+    ensure!(
+        !plain.status.success() && text.contains("TLS"),
+        "a plain client was not refused for TLS: {text}"
+    );
+    // A client with the CA but no certificate of its own.
+    let anon_uri = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        sock.display(),
+        anon.display()
+    );
+    ensure!(
+        !Command::new("nbdinfo")
+            .arg(&anon_uri)
+            .output()?
+            .status
+            .success(),
+        "a client without a certificate was served"
+    );
+    // The server goes on.
+    run(Command::new("nbdinfo").arg(&tls_uri))?;
+    Ok(())
+}
+
+/// TLS over TCP, where QEMU checks the certificate against the host it
+/// connects to (the certificate names 127.0.0.1).
+#[test]
+fn tls_over_tcp_checks_the_server_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    make_certs(&pki, &dir.path().join("anon"))?;
+    let img = image(dir.path(), "disk.img")?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let _d = tls_daemon(
+        &img,
+        &pki,
+        &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+    )?;
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        pki.display()
+    );
+    let target = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=disk,tls-creds=tls0"
+    );
+    run(Command::new("qemu-img")
+        .args(["compare", "--object", &creds, "--image-opts"])
+        .arg(format!(
+            "driver=raw,file.driver=file,file.filename={}",
+            img.display()
+        ))
+        .arg(&target))?;
+    Ok(())
+}
+
+/// Bad TLS input: STARTTLS with a payload, then bytes that are not a TLS
+/// handshake after STARTTLS is acknowledged, each end their own
+/// connection while a good client is still served.
+#[test]
+fn garbage_where_tls_is_due_ends_only_that_connection() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    make_certs(&pki, &dir.path().join("anon"))?;
+    let img = image(dir.path(), "disk.img")?;
+    let sock = dir.path().join("nbd.sock");
+    let _d = tls_daemon(
+        &img,
+        &pki,
+        &format!("addr.type=unix,addr.path={}", sock.display()),
+    )?;
+    let option = |s: &mut UnixStream, opt: u32, data: &[u8]| -> Result<(u32, Vec<u8>)> {
+        let mut o = b"IHAVEOPT".to_vec();
+        o.extend_from_slice(&opt.to_be_bytes());
+        o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        o.extend_from_slice(data);
+        s.write_all(&o)?;
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)?;
+        let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into()?) as usize];
+        s.read_exact(&mut d)?;
+        Ok((u32::from_be_bytes(h[12..16].try_into()?), d))
+    };
+    let greet = |s: &mut UnixStream| -> Result<()> {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g)?;
+        s.write_all(&3u32.to_be_bytes())?;
+        Ok(())
+    };
+    const STARTTLS: u32 = 5;
+    const TLS_REQD: u32 = (1 << 31) | 5;
+    // Any option but STARTTLS first: NBD_REP_ERR_TLS_REQD.
+    let mut s = UnixStream::connect(&sock)?;
+    greet(&mut s)?;
+    let (reply, msg) = option(&mut s, 3, &[])?;
+    ensure!(
+        reply == TLS_REQD,
+        "LIST before TLS: {reply:#x} {}",
+        String::from_utf8_lossy(&msg)
+    );
+    // STARTTLS with a payload: refused, then the door.
+    let (reply, _) = option(&mut s, STARTTLS, b"junk")?;
+    ensure!(reply == (1 << 31) | 3, "STARTTLS with data: {reply:#x}");
+    let mut b = [0u8; 1];
+    ensure!(matches!(s.read(&mut b), Ok(0) | Err(_)), "not dropped");
+    // Acknowledged, then garbage instead of a ClientHello.
+    let mut s = UnixStream::connect(&sock)?;
+    greet(&mut s)?;
+    let (reply, _) = option(&mut s, STARTTLS, &[])?;
+    ensure!(reply == 1, "STARTTLS not acknowledged: {reply:#x}");
+    s.write_all(&[0x16, 3, 1, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef])?;
+    s.write_all(&[0u8; 512])?;
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    // The server goes on.
+    let tls_uri = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        sock.display(),
+        pki.display()
+    );
+    run(Command::new("nbdinfo").arg(&tls_uri))?;
+    Ok(())
+}
+
+/// A `tls-creds-x509` directory without the server's key: the daemon
+/// does not start, and says which file is missing.
+#[test]
+fn a_bad_certificate_directory_names_the_missing_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    make_certs(&pki, &dir.path().join("anon"))?;
+    std::fs::remove_file(pki.join("server-key.pem"))?;
+    let img = image(dir.path(), "disk.img")?;
+    let sock = dir.path().join("nbd.sock");
+    let e = match tls_daemon(
+        &img,
+        &pki,
+        &format!("addr.type=unix,addr.path={}", sock.display()),
+    ) {
+        Ok(_) => anyhow::bail!("the daemon started without server-key.pem"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        e.contains(&format!(
+            "Unable to access credentials {}",
+            pki.join("server-key.pem").display()
+        )),
+        "{e}"
+    );
+    Ok(())
+}

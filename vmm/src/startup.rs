@@ -1,14 +1,18 @@
 //! The start-up prelude `run`, `storage-daemon` and `bench` share: the
-//! block graph from `--blockdev`, IOThread objects from `--object`, and
-//! QMP monitors from `--qmp` or `--chardev` + `--monitor`, each refused
-//! with the option's text in the message, as QEMU names the bad argument.
+//! block graph from `--blockdev`, IOThread and TLS credentials objects
+//! from `--object`, and QMP monitors from `--qmp` or `--chardev` +
+//! `--monitor`, each refused with the option's text in the message, as
+//! QEMU names the bad argument.
 
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
+use block::nbd::tls::{TlsCredsX509, TlsEndpoint};
 use block::BlockGraph;
 use clap::Args;
-use qapi::object::{IothreadProperties, ObjectOptions, ObjectProperties};
+use qapi::object::{
+    IothreadProperties, ObjectOptions, ObjectProperties, TlsCredsEndpoint, TlsCredsX509Properties,
+};
 
 use crate::qmp::{self, QmpAddr};
 
@@ -59,19 +63,53 @@ pub fn open_blockdevs(args: &[String]) -> Result<(BlockGraph, Option<String>)> {
     Ok((graph, last))
 }
 
-/// The `--object iothread` definitions by id (a duplicate id refused).
-pub fn iothread_objects(args: &[String]) -> Result<HashMap<String, IothreadProperties>> {
-    let mut iothreads = HashMap::new();
+/// The `--object` definitions by kind and id.
+#[derive(Default)]
+pub struct Objects {
+    /// `iothread` objects.
+    pub iothreads: HashMap<String, IothreadProperties>,
+    /// `tls-creds-x509` objects, their files loaded once to check them.
+    pub tls_creds: HashMap<String, TlsCredsX509>,
+}
+
+/// Every `--object` (a duplicate id refused, TLS credentials that cannot
+/// be loaded refused naming the file, as QEMU does at creation).
+pub fn objects(args: &[String]) -> Result<Objects> {
+    let mut out = Objects::default();
     for arg in args {
         let o: ObjectOptions =
             qapi::object::parse_object(arg).with_context(|| format!("--object {arg}"))?;
+        if out.iothreads.contains_key(&o.id) || out.tls_creds.contains_key(&o.id) {
+            bail!("--object {arg}: duplicate ID '{}' for object", o.id);
+        }
         match o.properties {
             ObjectProperties::Iothread(p) => {
-                if iothreads.insert(o.id.clone(), p).is_some() {
-                    bail!("--object {arg}: duplicate ID '{}' for object", o.id);
-                }
+                out.iothreads.insert(o.id, p);
+            }
+            ObjectProperties::TlsCredsX509(p) => {
+                let creds = tls_creds(&p);
+                creds.check().with_context(|| format!("--object {arg}"))?;
+                out.tls_creds.insert(o.id, creds);
             }
         }
     }
-    Ok(iothreads)
+    Ok(out)
+}
+
+/// The block layer's view of a `tls-creds-x509` object.
+pub fn tls_creds(p: &TlsCredsX509Properties) -> TlsCredsX509 {
+    TlsCredsX509 {
+        dir: p.dir.clone().into(),
+        endpoint: match p.endpoint {
+            TlsCredsEndpoint::Client => TlsEndpoint::Client,
+            TlsCredsEndpoint::Server => TlsEndpoint::Server,
+        },
+        verify_peer: p.verify_peer,
+    }
+}
+
+/// The `--object iothread` definitions by id (other objects are checked
+/// and left to whoever uses them).
+pub fn iothread_objects(args: &[String]) -> Result<HashMap<String, IothreadProperties>> {
+    Ok(objects(args)?.iothreads)
 }

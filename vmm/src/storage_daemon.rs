@@ -10,6 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use block::nbd::server::NbdExportInfo;
+use block::nbd::tls::{TlsCredsX509, TlsEndpoint};
 use block::{BlockGraph, RequestOp};
 use clap::Args;
 use devices::iothread::IoThread;
@@ -30,14 +31,17 @@ pub struct StorageDaemonArgs {
     /// A block node, QEMU's --blockdev syntax; repeatable.
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdevs: Vec<String>,
-    /// An object: `iothread,id=ID[,poll-max-ns=N]`; repeatable.
+    /// An object: `iothread,id=ID[,poll-max-ns=N]` or
+    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]`;
+    /// repeatable.
     #[arg(long = "object", value_name = "OPTIONS")]
     objects: Vec<String>,
     /// An export: `type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N][,iothread=ID][,logical-block-size=N]`.
     #[arg(long = "export", value_name = "OPTIONS")]
     exports: Vec<String>,
     /// The NBD server for `--export type=nbd`: `addr.type=unix,addr.path=PATH` or
-    /// `addr.type=inet,addr.host=HOST,addr.port=PORT`, `[,max-connections=N]`.
+    /// `addr.type=inet,addr.host=HOST,addr.port=PORT`, `[,max-connections=N]`,
+    /// `[,tls-creds=ID]` (a `tls-creds-x509` object with endpoint=server).
     #[arg(long = "nbd-server", value_name = "OPTIONS")]
     nbd_server: Option<String>,
     #[command(flatten)]
@@ -57,6 +61,8 @@ enum Control {
 struct Daemon {
     state: Mutex<State>,
     iothreads: HashMap<String, Arc<IoThread>>,
+    /// `tls-creds-x509` objects by id.
+    tls_creds: HashMap<String, TlsCredsX509>,
     events: Events,
     control: Mutex<mpsc::Sender<Control>>,
 }
@@ -76,9 +82,10 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
     // signals are taken only by `wait`.
     let signals = signals::block_termination()?;
     let qmp_addrs = args.monitor.addresses()?;
+    let objects = startup::objects(&args.objects)?;
     let (graph, _) = startup::open_blockdevs(&args.blockdevs)?;
     let mut iothreads = HashMap::new();
-    for (id, p) in startup::iothread_objects(&args.objects)? {
+    for (id, p) in objects.iothreads {
         let t = IoThread::new(&id, vmm::attach::iothread_config(&p))
             .with_context(|| format!("could not start iothread '{id}'"))?;
         iothreads.insert(id, t);
@@ -92,6 +99,7 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
             nbd_exports: Vec::new(),
         }),
         iothreads,
+        tls_creds: objects.tls_creds,
         events: Events::default(),
         control: Mutex::new(tx.clone()),
     });
@@ -169,11 +177,10 @@ impl Daemon {
         if st.nbd.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        if o.tls_creds.is_some() {
-            return Err(QmpError::generic(
-                "tls-creds: TLS is not supported by this NBD server yet",
-            ));
-        }
+        let tls = match &o.tls_creds {
+            Some(id) => Some(self.nbd_tls(id)?),
+            None => None,
+        };
         let addr = match &o.addr {
             SocketAddress::Unix { path } => NbdAddr::Unix(path.clone()),
             SocketAddress::Inet { host, port } => {
@@ -186,10 +193,27 @@ impl Daemon {
             }
         };
         let max = o.max_connections.filter(|&m| m > 0).map(|m| m as usize);
-        let server = NbdServer::start(addr, max)
+        let server = NbdServer::start(addr, max, tls)
             .map_err(|e| QmpError::generic(format!("Failed to start the NBD server: {e}")))?;
         st.nbd = Some(server);
         Ok(())
+    }
+
+    /// The server configuration of `tls-creds-x509` object `id`.
+    fn nbd_tls(&self, id: &str) -> Result<Arc<block::nbd::tls::ServerConfig>, QmpError> {
+        let Some(creds) = self.tls_creds.get(id) else {
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{id}'"
+            )));
+        };
+        if creds.endpoint != TlsEndpoint::Server {
+            return Err(QmpError::generic(
+                "Expecting TLS credentials with a server endpoint",
+            ));
+        }
+        creds
+            .server_config()
+            .map_err(|e| QmpError::generic(format!("{:#}", anyhow::Error::new(e))))
     }
 
     fn add_nbd_export(&self, st: &mut State, e: &BlockExportOptions) -> Result<(), QmpError> {

@@ -33,7 +33,7 @@ use super::regions::QueueRegions;
 use crate::bounce::{BounceBuf, BouncePool};
 use crate::completion::{clear_eventfd, LocalCompletions};
 use crate::node::{NodeCommon, NodeQueue, Precheck};
-use crate::request::{Completion, Request, RequestOp, SubmitError};
+use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
 use crate::stats::NodeStats;
 
 /// libblkio completions reaped per `do_io` call.
@@ -149,6 +149,14 @@ impl BlkioQueue {
                     && len <= geo.max_write_zeroes =>
             {
                 return Class::Direct(None)
+            }
+            // Only the device's own write-zeroes is fast: not zero
+            // buffers, nor the read-modify-write of unaligned edges.
+            RequestOp::WriteZeroes
+                if req.flags().no_fallback
+                    && (geo.max_write_zeroes == 0 || !geo.is_aligned(off, len)) =>
+            {
+                return Class::Now(Err(RequestError::Unsupported))
             }
             _ => {}
         }

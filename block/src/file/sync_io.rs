@@ -76,8 +76,9 @@ pub fn execute(inner: &FileInner, common: &NodeCommon, req: &Request) -> Result<
         RequestOp::Flush => fdatasync(fd).map(|_| 0),
         RequestOp::Discard => discard(inner, req.offset(), req.len()).map(|_| req.len()),
         RequestOp::WriteZeroes => {
-            let unmap = req.flags().may_unmap && common.discard == BlockdevDiscardOptions::Unmap;
-            write_zeroes(inner, req.offset(), req.len(), unmap)?;
+            let flags = req.flags();
+            let unmap = flags.may_unmap && common.discard == BlockdevDiscardOptions::Unmap;
+            write_zeroes(inner, req.offset(), req.len(), unmap, flags.no_fallback)?;
             if req.flags().fua {
                 fdatasync(fd)?;
             }
@@ -257,23 +258,62 @@ fn discard(inner: &FileInner, offset: u64, len: u64) -> Result<(), RequestError>
     }
 }
 
-/// Makes a range read as zeroes: punch a hole when allowed, else the
-/// host's zeroing primitive, else write zeroes by hand.
-fn write_zeroes(inner: &FileInner, offset: u64, len: u64, unmap: bool) -> Result<(), RequestError> {
-    let fd = inner.file.as_raw_fd();
-    let r = if inner.is_blockdev {
-        blk_ioctl(fd, sys::BLKZEROOUT, offset, len)
-    } else {
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
-        match unmap {
-            true => fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | keep, offset, len)
-                .or_else(|_| fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len)),
-            false => fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len),
-        }
-    };
-    match r {
+/// Makes a range read as zeroes: one of the host's cheap ways
+/// ([`zero_cheaply`]), else zero buffers written by hand. With
+/// `no_fallback` (QEMU's `BDRV_REQ_NO_FALLBACK`) a range the host cannot
+/// zero cheaply fails with `Unsupported` instead: "fast" means one
+/// fallocate or ioctl that does not write the range's data.
+fn write_zeroes(
+    inner: &FileInner,
+    offset: u64,
+    len: u64,
+    unmap: bool,
+    no_fallback: bool,
+) -> Result<(), RequestError> {
+    match zero_cheaply(inner, offset, len, unmap, no_fallback) {
         Err(e) if is_unsupported(&e) || e == RequestError::Os(libc::EINVAL) => {
-            write_zeroes_by_hand(inner, offset, len)
+            if no_fallback {
+                Err(RequestError::Unsupported)
+            } else {
+                write_zeroes_by_hand(inner, offset, len)
+            }
+        }
+        r => r,
+    }
+}
+
+/// The host's cheap ways to zero a range, in QEMU's order
+/// (`handle_aiocb_write_zeroes`): punch a hole when allowed, else
+/// FALLOC_FL_ZERO_RANGE, else punch a hole and allocate it again. On a
+/// block device BLKZEROOUT, which the kernel may carry out by writing
+/// zero pages itself: with `no_fallback` only a punched range (the
+/// kernel's `BLKDEV_ZERO_NOFALLBACK`) will do, as QEMU refuses
+/// BLKZEROOUT there.
+fn zero_cheaply(
+    inner: &FileInner,
+    offset: u64,
+    len: u64,
+    unmap: bool,
+    no_fallback: bool,
+) -> Result<(), RequestError> {
+    let fd = inner.file.as_raw_fd();
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    let punch = || fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | keep, offset, len);
+    if inner.is_blockdev {
+        return match (no_fallback, unmap) {
+            (false, _) => blk_ioctl(fd, sys::BLKZEROOUT, offset, len),
+            (true, true) => punch(),
+            (true, false) => Err(RequestError::Os(libc::EOPNOTSUPP)),
+        };
+    }
+    let zero_range = || fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len);
+    if unmap {
+        return punch().or_else(|_| zero_range());
+    }
+    match zero_range() {
+        // tmpfs, for one, punches holes but has no ZERO_RANGE.
+        Err(e) if is_unsupported(&e) || e == RequestError::Os(libc::EINVAL) => {
+            punch().and_then(|()| fallocate(fd, keep, offset, len))
         }
         r => r,
     }

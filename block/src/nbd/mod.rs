@@ -7,3 +7,4 @@ pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod tls;

@@ -1,7 +1,8 @@
 //! NBD wire format (the NBD protocol document, `doc/proto.md` of the NBD
 //! project): the fixed newstyle handshake's magics, options and replies,
-//! the transmission phase's requests and simple replies. Everything is
-//! big-endian.
+//! the transmission phase's requests (compact, or extended once
+//! NBD_OPT_EXTENDED_HEADERS is negotiated) and replies (simple,
+//! structured chunks, extended chunks). Everything is big-endian.
 
 /// "NBDMAGIC", the server's greeting.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -11,10 +12,14 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Request magic (compact headers).
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Request magic with extended headers (NBD_EXTENDED_REQUEST_MAGIC).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 /// Simple reply magic.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Structured reply chunk magic.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Extended reply chunk magic (NBD_EXTENDED_REPLY_MAGIC).
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 /// The one metadata context served.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Its id on every connection.
@@ -28,8 +33,14 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     /// NBD_REPLY_TYPE_OFFSET_DATA.
     pub const OFFSET_DATA: u16 = 1;
-    /// NBD_REPLY_TYPE_BLOCK_STATUS.
+    /// NBD_REPLY_TYPE_OFFSET_HOLE: 64-bit offset, 32-bit hole size (in
+    /// both structured and extended replies).
+    pub const OFFSET_HOLE: u16 = 2;
+    /// NBD_REPLY_TYPE_BLOCK_STATUS: 32-bit descriptors (compact mode).
     pub const BLOCK_STATUS: u16 = 5;
+    /// NBD_REPLY_TYPE_BLOCK_STATUS_EXT: a descriptor count and 64-bit
+    /// descriptors; the only block status reply in extended mode.
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// NBD_REPLY_TYPE_ERROR.
     pub const ERROR: u16 = (1 << 15) + 1;
 }
@@ -92,10 +103,18 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR | 2;
     /// NBD_REP_ERR_INVALID.
     pub const ERR_INVALID: u32 = ERR | 3;
+    /// NBD_REP_ERR_TLS_REQD: the server insists on NBD_OPT_STARTTLS first.
+    pub const ERR_TLS_REQD: u32 = ERR | 5;
     /// NBD_REP_ERR_UNKNOWN.
     pub const ERR_UNKNOWN: u32 = ERR | 6;
+    /// NBD_REP_ERR_BLOCK_SIZE_REQD: NBD_OPT_INFO without NBD_INFO_BLOCK_SIZE
+    /// on an export with an alignment.
+    pub const ERR_BLOCK_SIZE_REQD: u32 = ERR | 8;
     /// NBD_REP_ERR_TOO_BIG.
     pub const ERR_TOO_BIG: u32 = ERR | 9;
+    /// NBD_REP_ERR_EXT_HEADER_REQD: NBD_OPT_STRUCTURED_REPLY after extended
+    /// headers.
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR | 10;
 }
 
 /// NBD_INFO types.
@@ -124,10 +143,14 @@ pub mod tflag {
     pub const SEND_TRIM: u16 = 1 << 5;
     /// NBD_FLAG_SEND_WRITE_ZEROES.
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// NBD_FLAG_SEND_DF: READ takes NBD_CMD_FLAG_DF (structured replies).
+    pub const SEND_DF: u16 = 1 << 7;
     /// NBD_FLAG_CAN_MULTI_CONN.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
     /// NBD_FLAG_SEND_CACHE.
     pub const SEND_CACHE: u16 = 1 << 10;
+    /// NBD_FLAG_SEND_FAST_ZERO: WRITE_ZEROES takes NBD_CMD_FLAG_FAST_ZERO.
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
 /// Commands.
@@ -156,8 +179,16 @@ pub mod cflag {
     pub const FUA: u16 = 1 << 0;
     /// NBD_CMD_FLAG_NO_HOLE.
     pub const NO_HOLE: u16 = 1 << 1;
+    /// NBD_CMD_FLAG_DF: READ answers in one chunk.
+    pub const DF: u16 = 1 << 2;
     /// NBD_CMD_FLAG_REQ_ONE.
     pub const REQ_ONE: u16 = 1 << 3;
+    /// NBD_CMD_FLAG_FAST_ZERO: fail WRITE_ZEROES with ENOTSUP rather than
+    /// zero slowly.
+    pub const FAST_ZERO: u16 = 1 << 4;
+    /// NBD_CMD_FLAG_PAYLOAD_LEN: with extended headers, the length is the
+    /// payload's (WRITE's data, or a payload the command does not take).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Error values of replies (the protocol's errno subset).
@@ -200,8 +231,10 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const MAX_OPTION: u32 = 4096;
 /// Bytes of a compact request header.
 pub const REQUEST_LEN: usize = 28;
+/// Bytes of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 
-/// A transmission-phase request header.
+/// A transmission-phase request header, compact or extended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestHeader {
     /// Command flags.
@@ -212,39 +245,97 @@ pub struct RequestHeader {
     pub cookie: u64,
     /// Byte offset.
     pub offset: u64,
-    /// Byte length.
-    pub length: u32,
+    /// Byte length (32 bits on the wire unless extended).
+    pub length: u64,
 }
 
 /// Why a request header is not one.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadMagic(pub u32);
 
+fn be64_at(b: &[u8], o: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[o..o + 8]);
+    u64::from_be_bytes(x)
+}
+
 impl RequestHeader {
+    /// Bytes of a header in the negotiated mode.
+    pub fn wire_len(extended: bool) -> usize {
+        if extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        }
+    }
+
+    /// Parses the header at the start of `b` in the negotiated mode;
+    /// `None` while `b` is shorter than a header.
+    pub fn parse_prefix(b: &[u8], extended: bool) -> Option<Result<Self, BadMagic>> {
+        if extended {
+            let h: &[u8; EXTENDED_REQUEST_LEN] = b.get(..EXTENDED_REQUEST_LEN)?.try_into().ok()?;
+            Some(Self::parse_extended(h))
+        } else {
+            let h: &[u8; REQUEST_LEN] = b.get(..REQUEST_LEN)?.try_into().ok()?;
+            Some(Self::parse(h))
+        }
+    }
+
     /// Parses a compact header from its 28 bytes.
     pub fn parse(b: &[u8; REQUEST_LEN]) -> Result<Self, BadMagic> {
-        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        if magic != REQUEST_MAGIC {
-            return Err(BadMagic(magic));
+        Self::parse_common(b, REQUEST_MAGIC)
+            .map(|h| h.with_length(u64::from(u32::from_be_bytes([b[24], b[25], b[26], b[27]]))))
+    }
+
+    /// Parses an extended header from its 32 bytes.
+    pub fn parse_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<Self, BadMagic> {
+        Self::parse_common(b, EXTENDED_REQUEST_MAGIC).map(|h| h.with_length(be64_at(b, 24)))
+    }
+
+    fn parse_common(b: &[u8], magic: u32) -> Result<Self, BadMagic> {
+        let got = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        if got != magic {
+            return Err(BadMagic(got));
         }
-        let be64 = |o: usize| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(&b[o..o + 8]);
-            u64::from_be_bytes(x)
-        };
         Ok(RequestHeader {
             flags: u16::from_be_bytes([b[4], b[5]]),
             kind: u16::from_be_bytes([b[6], b[7]]),
-            cookie: be64(8),
-            offset: be64(16),
-            length: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+            cookie: be64_at(b, 8),
+            offset: be64_at(b, 16),
+            length: 0,
         })
     }
 
-    /// Bytes of payload that follow the header (WRITE's data).
-    pub fn payload_len(&self) -> usize {
-        if self.kind == cmd::WRITE {
-            self.length as usize
+    fn with_length(mut self, length: u64) -> Self {
+        self.length = length;
+        self
+    }
+
+    /// Appends the header in the negotiated mode to `out` (a compact
+    /// header carries the low 32 bits of the length).
+    pub fn encode(&self, out: &mut Vec<u8>, extended: bool) {
+        let magic = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        out.extend_from_slice(&magic.to_be_bytes());
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        out.extend_from_slice(&self.kind.to_be_bytes());
+        out.extend_from_slice(&self.cookie.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        if extended {
+            out.extend_from_slice(&self.length.to_be_bytes());
+        } else {
+            out.extend_from_slice(&(self.length as u32).to_be_bytes());
+        }
+    }
+
+    /// Bytes of payload that follow the header: WRITE's data, or with
+    /// extended headers whatever NBD_CMD_FLAG_PAYLOAD_LEN announces.
+    pub fn payload_len(&self, extended: bool) -> u64 {
+        if self.kind == cmd::WRITE || (extended && self.flags & cflag::PAYLOAD_LEN != 0) {
+            self.length
         } else {
             0
         }
@@ -265,6 +356,24 @@ pub fn chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: 
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&kind.to_be_bytes());
     out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Appends an extended reply chunk header to `out` (its payload of `len`
+/// bytes follows). `offset` echoes the request's.
+pub fn extended_chunk_header(
+    out: &mut Vec<u8>,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) {
+    out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
 }
 
@@ -298,6 +407,9 @@ mod tests {
         b[16..24].copy_from_slice(&4096u64.to_be_bytes());
         b[24..28].copy_from_slice(&512u32.to_be_bytes());
         let h = RequestHeader::parse(&b).unwrap();
+        let mut again = Vec::new();
+        h.encode(&mut again, false);
+        assert_eq!(again, b);
         assert_eq!(
             h,
             RequestHeader {
@@ -308,9 +420,47 @@ mod tests {
                 length: 512
             }
         );
-        assert_eq!(h.payload_len(), 512);
+        assert_eq!(h.payload_len(false), 512);
         b[0] = 0;
         assert!(RequestHeader::parse(&b).is_err());
+    }
+
+    #[test]
+    fn an_extended_header_carries_a_64_bit_length() {
+        let h = RequestHeader {
+            flags: cflag::PAYLOAD_LEN,
+            kind: cmd::BLOCK_STATUS,
+            cookie: 9,
+            offset: 1 << 40,
+            length: 5 << 32,
+        };
+        let mut b = Vec::new();
+        h.encode(&mut b, true);
+        assert_eq!(b.len(), EXTENDED_REQUEST_LEN);
+        assert_eq!(&b[..4], &EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        let parsed = RequestHeader::parse_extended(&b.clone().try_into().unwrap()).unwrap();
+        assert_eq!(parsed, h);
+        // PAYLOAD_LEN means a payload only with extended headers.
+        assert_eq!(parsed.payload_len(true), 5 << 32);
+        assert_eq!(parsed.payload_len(false), 0);
+        // A compact magic is not an extended one.
+        let mut c = Vec::new();
+        h.encode(&mut c, false);
+        c.extend_from_slice(&[0; 4]);
+        assert_eq!(
+            RequestHeader::parse_extended(&c.try_into().unwrap()),
+            Err(BadMagic(REQUEST_MAGIC))
+        );
+    }
+
+    #[test]
+    fn an_extended_chunk_header_is_32_bytes() {
+        let mut out = Vec::new();
+        extended_chunk_header(&mut out, chunk::FLAG_DONE, chunk::NONE, 3, 4096, 0);
+        assert_eq!(out.len(), 32);
+        assert_eq!(&out[..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[16..24], &4096u64.to_be_bytes());
+        assert_eq!(&out[24..32], &0u64.to_be_bytes());
     }
 
     #[test]

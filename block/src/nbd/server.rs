@@ -5,16 +5,25 @@
 //! node finishes them (the client matches cookies). The handshake before
 //! it is [`super::handshake`].
 //!
+//! Replies take the negotiated shape: simple replies; structured chunks
+//! for data, errors and block status (NBD_OPT_STRUCTURED_REPLY); or with
+//! NBD_OPT_EXTENDED_HEADERS 32-byte requests with 64-bit lengths and
+//! extended chunks for every reply (a success without data is a final
+//! NBD_REPLY_TYPE_NONE, block status is NBD_REPLY_TYPE_BLOCK_STATUS_EXT).
+//!
 //! Untrusted input: a bad magic, an unknown command with a payload, or a
 //! payload over `MAX_PAYLOAD` ends the connection (the stream cannot be
 //! resynchronised); a bad request that can be answered gets its error
-//! (EINVAL, EPERM, ENOSPC, EOVERFLOW) and the connection goes on.
+//! (EINVAL, EPERM, ENOSPC, EOVERFLOW, ENOTSUP) and the connection goes on.
+//! With extended headers, a payload on a command that takes none
+//! (NBD_CMD_FLAG_PAYLOAD_LEN) is skipped and refused with EINVAL, as QEMU
+//! does.
 
 use std::io::{self, Read, Write};
 
-pub use super::handshake::{handshake, Handshake, NbdExportInfo, Negotiated};
+pub use super::handshake::{handshake, Handshake, NbdExportInfo, NbdSession, Negotiated};
 use super::proto::*;
-use crate::{Completion, IovecPool, NodeQueue, Request};
+use crate::{Completion, IovecPool, NodeQueue, Request, RequestFlags};
 
 /// A page-aligned data buffer: O_DIRECT nodes take it as it is (a plain
 /// heap `Vec` would send them to their bounce or thread path).
@@ -71,7 +80,8 @@ const MAX_IN_FLIGHT: usize = 256;
 
 struct Pending {
     cookie: u64,
-    /// READ's offset (its structured reply chunk carries it).
+    /// The request's offset (READ's data chunk and extended reply
+    /// headers carry it).
     offset: u64,
     /// READ's data buffer (its reply carries it).
     read: Option<AlignedBuf>,
@@ -213,44 +223,74 @@ impl NbdConnection {
                 self.on_writable(sock);
             }
             let rest = &self.input[at..];
-            let Some(h) = rest.get(..REQUEST_LEN) else {
-                break;
+            let extended = self.neg.extended;
+            let h = match RequestHeader::parse_prefix(rest, extended) {
+                None => break,
+                Some(Ok(h)) => h,
+                Some(Err(_)) => {
+                    self.closed = true;
+                    break;
+                }
             };
-            let mut hb = [0u8; REQUEST_LEN];
-            hb.copy_from_slice(h);
-            let Ok(h) = RequestHeader::parse(&hb) else {
-                self.closed = true;
-                break;
-            };
-            if h.kind == cmd::WRITE && h.length > MAX_PAYLOAD {
+            let payload = h.payload_len(extended);
+            if payload > u64::from(MAX_PAYLOAD) {
                 // Too big to buffer: the stream cannot go on.
                 self.closed = true;
                 break;
             }
-            let need = REQUEST_LEN + h.payload_len();
+            let hlen = RequestHeader::wire_len(extended);
+            let need = hlen + payload as usize;
             if rest.len() < need {
                 break;
             }
+            at += need;
+            started += 1;
+            if h.kind != cmd::WRITE && payload > 0 {
+                // A payload the command does not take (PAYLOAD_LEN):
+                // skipped, and the request refused.
+                self.reply_error(h.cookie, h.offset, err::EINVAL);
+                continue;
+            }
             // Only WRITE has a payload; the rest leave the spares alone.
-            let mut payload = if need > REQUEST_LEN {
+            let mut buf = if payload > 0 {
                 self.spare.pop().unwrap_or_default()
             } else {
                 AlignedBuf::default()
             };
-            payload.set_len(need - REQUEST_LEN);
-            payload
-                .as_mut_slice()
-                .copy_from_slice(&rest[REQUEST_LEN..need]);
-            at += need;
-            self.start(h, payload);
-            started += 1;
+            buf.set_len(payload as usize);
+            buf.as_mut_slice()
+                .copy_from_slice(&self.input[at - payload as usize..at]);
+            self.start(h, buf);
         }
         self.input.drain(..at);
     }
 
-    fn reply_error(&mut self, cookie: u64, error: u32) {
+    /// A reply chunk's header in the negotiated shape (structured or
+    /// extended).
+    fn chunk(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) {
+        if self.neg.extended {
+            extended_chunk_header(&mut self.output, flags, kind, cookie, offset, len);
+        } else {
+            chunk_header(&mut self.output, flags, kind, cookie, len as u32);
+        }
+    }
+
+    /// A success without data: a simple reply, or a final NONE chunk
+    /// where a simple one may not answer (extended headers; a READ with
+    /// structured replies).
+    fn reply_ok(&mut self, cookie: u64, offset: u64, read: bool) {
+        if self.neg.extended || (self.neg.structured && read) {
+            self.chunk(chunk::FLAG_DONE, chunk::NONE, cookie, offset, 0);
+        } else {
+            simple_reply(&mut self.output, 0, cookie);
+        }
+    }
+
+    fn reply_error(&mut self, cookie: u64, offset: u64, error: u32) {
         if self.neg.structured {
-            error_chunk(&mut self.output, error, cookie);
+            self.chunk(chunk::FLAG_DONE, chunk::ERROR, cookie, offset, 6);
+            self.output.extend_from_slice(&error.to_be_bytes());
+            self.output.extend_from_slice(&0u16.to_be_bytes());
         } else {
             simple_reply(&mut self.output, error, cookie);
         }
@@ -258,39 +298,46 @@ impl NbdConnection {
 
     /// Answers BLOCK_STATUS at once (a blocking query of the node, as
     /// QEMU's is): base:allocation descriptors covering the range, or the
-    /// first one with REQ_ONE.
+    /// first one with REQ_ONE; 64-bit ones with extended headers.
     fn block_status(&mut self, h: RequestHeader) {
         /// Descriptors per reply, at most.
         const MAX_EXTENTS: usize = 2048;
-        let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-        let (mut at, end) = (h.offset, h.offset + u64::from(h.length));
-        let mut n = 0;
-        while at < end && n < MAX_EXTENTS {
+        let mut extents = Vec::new();
+        let (mut at, end) = (h.offset, h.offset + h.length);
+        while at < end && extents.len() < MAX_EXTENTS {
             let (len, st) = match self.info.node.block_status(at, end - at) {
                 Ok(x) => x,
-                Err(_) => return self.reply_error(h.cookie, err::EIO),
+                Err(_) => return self.reply_error(h.cookie, h.offset, err::EIO),
             };
+            // Without extended headers `end - at` fits in 32 bits.
             let len = len.clamp(1, end - at);
             let flags = match st {
                 crate::BlockStatus::Data => 0,
                 crate::BlockStatus::Zero => state::ZERO,
                 crate::BlockStatus::Hole => state::HOLE | state::ZERO,
             };
-            d.extend_from_slice(&(len as u32).to_be_bytes());
-            d.extend_from_slice(&flags.to_be_bytes());
+            extents.push((len, flags));
             at += len;
-            n += 1;
             if h.flags & cflag::REQ_ONE != 0 {
                 break;
             }
         }
-        chunk_header(
-            &mut self.output,
-            chunk::FLAG_DONE,
-            chunk::BLOCK_STATUS,
-            h.cookie,
-            d.len() as u32,
-        );
+        let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        let kind = if self.neg.extended {
+            d.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+            for (len, flags) in extents {
+                d.extend_from_slice(&len.to_be_bytes());
+                d.extend_from_slice(&u64::from(flags).to_be_bytes());
+            }
+            chunk::BLOCK_STATUS_EXT
+        } else {
+            for (len, flags) in extents {
+                d.extend_from_slice(&(len as u32).to_be_bytes());
+                d.extend_from_slice(&flags.to_be_bytes());
+            }
+            chunk::BLOCK_STATUS
+        };
+        self.chunk(chunk::FLAG_DONE, kind, h.cookie, h.offset, d.len() as u64);
         self.output.extend_from_slice(&d);
     }
 
@@ -307,45 +354,60 @@ impl NbdConnection {
         }
     }
 
+    /// The command flags `kind` takes in the negotiated mode; `None` for
+    /// an unknown command.
+    fn valid_flags(&self, kind: u16) -> Option<u16> {
+        let extra = match kind {
+            cmd::READ if self.neg.structured => cflag::DF,
+            cmd::WRITE if self.neg.extended => cflag::PAYLOAD_LEN,
+            cmd::WRITE_ZEROES => cflag::NO_HOLE | cflag::FAST_ZERO,
+            cmd::BLOCK_STATUS => cflag::REQ_ONE,
+            cmd::READ | cmd::WRITE | cmd::DISC | cmd::FLUSH | cmd::TRIM | cmd::CACHE => 0,
+            _ => return None,
+        };
+        Some(cflag::FUA | extra)
+    }
+
     fn start(&mut self, h: RequestHeader, payload: AlignedBuf) {
         let cap = self.info.node.capacity();
         let writable = self.info.writable && !self.info.node.read_only();
-        let end = h.offset.checked_add(u64::from(h.length));
+        let end = h.offset.checked_add(h.length);
         let modifies = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        let (cookie, offset) = (h.cookie, h.offset);
+        let Some(valid) = self.valid_flags(h.kind) else {
+            return self.reply_error(cookie, offset, err::EINVAL);
+        };
         match h.kind {
             cmd::DISC => {
                 self.disconnecting = true;
                 return;
             }
             cmd::FLUSH => {}
-            cmd::READ
-            | cmd::WRITE
-            | cmd::TRIM
-            | cmd::WRITE_ZEROES
-            | cmd::CACHE
-            | cmd::BLOCK_STATUS => {
+            _ => {
                 if modifies && !writable {
-                    return self.reply_error(h.cookie, err::EPERM);
+                    return self.reply_error(cookie, offset, err::EPERM);
                 }
                 if end.is_none_or(|e| e > cap) {
                     let e = if modifies { err::ENOSPC } else { err::EINVAL };
-                    return self.reply_error(h.cookie, e);
-                }
-                if h.kind == cmd::READ && h.length > MAX_PAYLOAD {
-                    return self.reply_error(h.cookie, err::EOVERFLOW);
+                    return self.reply_error(cookie, offset, e);
                 }
             }
-            _ => return self.reply_error(h.cookie, err::EINVAL),
+        }
+        if h.flags & !valid != 0 {
+            return self.reply_error(cookie, offset, err::EINVAL);
+        }
+        if h.kind == cmd::READ && h.length > u64::from(MAX_PAYLOAD) {
+            return self.reply_error(cookie, offset, err::EOVERFLOW);
         }
         if h.kind == cmd::BLOCK_STATUS {
             if !self.neg.base_allocation || h.length == 0 {
-                return self.reply_error(h.cookie, err::EINVAL);
+                return self.reply_error(cookie, offset, err::EINVAL);
             }
             return self.block_status(h);
         }
         if h.kind == cmd::CACHE || (h.length == 0 && h.kind != cmd::FLUSH) {
             // Nothing to do (CACHE is advisory).
-            return simple_reply(&mut self.output, 0, h.cookie);
+            return self.reply_ok(cookie, offset, h.kind == cmd::READ);
         }
         let fua = h.flags & cflag::FUA != 0;
         let (req, pending) = match h.kind {
@@ -391,7 +453,7 @@ impl NbdConnection {
                 )
             }
             cmd::TRIM => (
-                Request::discard(h.offset, u64::from(h.length)),
+                Request::discard(h.offset, h.length),
                 Pending {
                     cookie: h.cookie,
                     offset: h.offset,
@@ -399,8 +461,18 @@ impl NbdConnection {
                     write: None,
                 },
             ),
+            // FAST_ZERO: the node refuses what it would zero by hand
+            // (ENOTSUP at once, as QEMU's BDRV_REQ_NO_FALLBACK).
             cmd::WRITE_ZEROES => (
-                Request::write_zeroes(h.offset, u64::from(h.length), h.flags & cflag::NO_HOLE == 0),
+                Request::write_zeroes_with(
+                    h.offset,
+                    h.length,
+                    RequestFlags {
+                        fua,
+                        may_unmap: h.flags & cflag::NO_HOLE == 0,
+                        no_fallback: h.flags & cflag::FAST_ZERO != 0,
+                    },
+                ),
                 Pending {
                     cookie: h.cookie,
                     offset: h.offset,
@@ -424,7 +496,7 @@ impl NbdConnection {
             self.iovecs.give(e.request.take_iovecs());
             self.slots[idx] = None;
             self.free.push(idx);
-            self.reply_error(h.cookie, err::from_errno(e.error.errno()));
+            self.reply_error(h.cookie, h.offset, err::from_errno(e.error.errno()));
         } else {
             self.read_bytes += reading;
         }
@@ -461,12 +533,12 @@ impl NbdConnection {
             }
             match (c.result, p.read) {
                 (Ok(_), Some(buf)) if self.neg.structured => {
-                    chunk_header(
-                        &mut self.output,
+                    self.chunk(
                         chunk::FLAG_DONE,
                         chunk::OFFSET_DATA,
                         p.cookie,
-                        8 + buf.len as u32,
+                        p.offset,
+                        8 + buf.len as u64,
                     );
                     self.output.extend_from_slice(&p.offset.to_be_bytes());
                     self.output.extend_from_slice(buf.as_slice());
@@ -477,12 +549,12 @@ impl NbdConnection {
                     self.output.extend_from_slice(buf.as_slice());
                     self.recycle(buf);
                 }
-                (Ok(_), None) => simple_reply(&mut self.output, 0, p.cookie),
+                (Ok(_), None) => self.reply_ok(p.cookie, p.offset, false),
                 (Err(e), read) => {
                     if let Some(buf) = read {
                         self.recycle(buf);
                     }
-                    self.reply_error(p.cookie, err::from_errno(e.errno()))
+                    self.reply_error(p.cookie, p.offset, err::from_errno(e.errno()))
                 }
             }
         }
@@ -544,3 +616,6 @@ impl Drop for NbdConnection {
         self.abandon();
     }
 }
+
+#[cfg(test)]
+mod tests;

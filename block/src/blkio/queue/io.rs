@@ -74,9 +74,13 @@ fn part(buf: &BounceBuf, fill: Fill) -> Option<&[u8]> {
 impl BlkioQueue {
     fn zero_flags(&self, req: &Request) -> ReqFlags {
         let unmap = req.flags().may_unmap && self.common.discard == BlockdevDiscardOptions::Unmap;
-        match unmap {
+        let flags = match unmap {
             true => fua(req),
             false => fua(req) | ReqFlags::NO_UNMAP,
+        };
+        match req.flags().no_fallback {
+            true => flags | ReqFlags::NO_FALLBACK,
+            false => flags,
         }
     }
 
@@ -211,8 +215,14 @@ impl BlkioQueue {
         if ret < 0 {
             // Discard is advisory; a refused write-zeroes is done by hand
             // (QEMU's fallback), from the start: zeroing twice is harmless.
+            // A fast zero (NO_FALLBACK) has no fallback: the device may
+            // refuse only the flag, so by-hand zeroing is not learnt.
+            let no_fallback = slot.req.flags().no_fallback;
             let result = match op {
                 RequestOp::Discard if unsupported(-ret) => Ok(len),
+                RequestOp::WriteZeroes if unsupported(-ret) && no_fallback => {
+                    Err(RequestError::Unsupported)
+                }
                 RequestOp::WriteZeroes if unsupported(-ret) && !slot.by_hand => {
                     self.zeroes_by_hand = true;
                     return self.restart_job(ix, out);
