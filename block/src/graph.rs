@@ -6,7 +6,7 @@
 //! before its parent) or defined inline (so it is new), and nodes are never
 //! re-parented.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use qapi::{BlockdevDriver, BlockdevOptions, BlockdevRef};
@@ -15,6 +15,7 @@ use crate::blkio::{BlkioNode, BlkioOptions};
 use crate::file::FileNode;
 use crate::memory::RamRegistrar;
 use crate::nbd::client::NbdNode;
+use crate::nbd::tls::TlsCredsX509;
 use crate::node::BlockNode;
 use crate::null::NullNode;
 use crate::raw::RawNode;
@@ -39,6 +40,8 @@ pub struct BlockGraph {
     nodes: BTreeMap<String, Entry>,
     next_auto: u32,
     registrar: RamRegistrar,
+    /// `tls-creds-x509` objects nodes may name (`tls-creds=ID`).
+    tls_creds: HashMap<String, TlsCredsX509>,
 }
 
 /// Nodes opened by one `add`, inserted only when all of them opened.
@@ -60,6 +63,11 @@ impl BlockGraph {
     /// An empty graph.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes a `tls-creds-x509` object available to nodes as `tls-creds=id`.
+    pub fn add_tls_creds(&mut self, id: String, creds: TlsCredsX509) {
+        self.tls_creds.insert(id, creds);
     }
 
     /// The RAM registrar every node of this graph follows.
@@ -146,7 +154,10 @@ impl BlockGraph {
             BlockdevDriver::VirtioBlkVhostUser(o) => self.open_blkio(&name, common, o.into())?,
             BlockdevDriver::VirtioBlkVhostVdpa(o) => self.open_blkio(&name, common, o.into())?,
             BlockdevDriver::VirtioBlkVfioPci(o) => self.open_blkio(&name, common, o.into())?,
-            BlockdevDriver::Nbd(o) => Arc::new(NbdNode::open(name.clone(), common, o)?),
+            BlockdevDriver::Nbd(o) => {
+                let creds = o.tls_creds.as_ref().and_then(|id| self.tls_creds.get(id));
+                Arc::new(NbdNode::open(name.clone(), common, o, creds)?)
+            }
         };
         for child in children {
             if let Some((_, e)) = pending.entries.iter_mut().find(|(n, _)| *n == child) {

@@ -33,6 +33,7 @@ mod daemon;
 mod guest;
 mod nested;
 mod output;
+pub mod tls;
 mod vm;
 
 pub use daemon::{blkvm_binary, Backend, StorageDaemon, VhostUserBlkExport};

@@ -585,81 +585,6 @@ fn fast_zero_is_refused_where_the_node_would_zero_by_hand() -> Result<()> {
     Ok(())
 }
 
-/// A CA, a server certificate for localhost and 127.0.0.1 and a client
-/// certificate, made with openssl in QEMU's `tls-creds-x509` layout;
-/// `anon` gets the CA certificate alone (a client without a certificate).
-fn make_certs(dir: &Path, anon: &Path) -> Result<()> {
-    let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509", "-days", "3650"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-subj",
-                "/CN=blkvm test CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        ]
-        .concat(),
-    )?;
-    for (who, ext) in [
-        (
-            "server",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        ),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ] {
-        let key = format!("{who}-key.pem");
-        let subj = format!("/CN=blkvm test {who}");
-        openssl(
-            &[
-                &["req"][..],
-                &ec,
-                &["-keyout", &key, "-out", "req.csr", "-subj", &subj],
-            ]
-            .concat(),
-        )?;
-        std::fs::write(
-            dir.join("ext.cnf"),
-            format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n{ext}"),
-        )?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "req.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &format!("{who}-cert.pem"),
-        ])?;
-    }
-    std::fs::create_dir_all(anon)?;
-    std::fs::copy(dir.join("ca-cert.pem"), anon.join("ca-cert.pem"))?;
-    Ok(())
-}
-
 fn tls_daemon(img: &Path, pki: &Path, addr: &str) -> Result<StorageDaemon> {
     StorageDaemon::start_with_args(
         Backend::Blkvm,
@@ -689,7 +614,7 @@ fn tls_clients_are_served_and_others_refused() -> Result<()> {
     let pki = dir.path().join("pki");
     let anon = dir.path().join("anon");
     std::fs::create_dir_all(&pki)?;
-    make_certs(&pki, &anon)?;
+    tests::tls::make_certs(&pki, &anon)?;
     let img = image(dir.path(), "disk.img")?;
     let src = image(dir.path(), "src.img")?;
     let sock = dir.path().join("nbd.sock");
@@ -784,7 +709,7 @@ fn tls_over_tcp_checks_the_server_name() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     std::fs::create_dir_all(&pki)?;
-    make_certs(&pki, &dir.path().join("anon"))?;
+    tests::tls::make_certs(&pki, &dir.path().join("anon"))?;
     let img = image(dir.path(), "disk.img")?;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -820,7 +745,7 @@ fn garbage_where_tls_is_due_ends_only_that_connection() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     std::fs::create_dir_all(&pki)?;
-    make_certs(&pki, &dir.path().join("anon"))?;
+    tests::tls::make_certs(&pki, &dir.path().join("anon"))?;
     let img = image(dir.path(), "disk.img")?;
     let sock = dir.path().join("nbd.sock");
     let _d = tls_daemon(
@@ -889,7 +814,7 @@ fn a_bad_certificate_directory_names_the_missing_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     std::fs::create_dir_all(&pki)?;
-    make_certs(&pki, &dir.path().join("anon"))?;
+    tests::tls::make_certs(&pki, &dir.path().join("anon"))?;
     std::fs::remove_file(pki.join("server-key.pem"))?;
     let img = image(dir.path(), "disk.img")?;
     let sock = dir.path().join("nbd.sock");

@@ -82,8 +82,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         qapi::parse_size(&args.memory).with_context(|| format!("--memory {}", args.memory))?;
     let serial = parse_serial(&args.serial)?;
     let qmp_addrs = args.monitor.addresses()?;
-    let (mut graph, _) = startup::open_blockdevs(&args.blockdevs)?;
-    let iothreads = startup::iothread_objects(&args.objects)?;
+    let objects = startup::objects(&args.objects)?;
+    let (mut graph, _) = startup::open_blockdevs(&args.blockdevs, &objects.tls_creds)?;
+    let iothreads = objects.iothreads;
     let mut device_opts: Vec<DeviceOptions> = Vec::new();
     for arg in &args.devices {
         let d = qapi::device::parse_device(arg).with_context(|| format!("--device {arg}"))?;

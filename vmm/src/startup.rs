@@ -50,10 +50,17 @@ impl MonitorArgs {
     }
 }
 
-/// A graph of the `--blockdev` nodes, in order; also returns the name of
-/// the last one.
-pub fn open_blockdevs(args: &[String]) -> Result<(BlockGraph, Option<String>)> {
+/// A graph of the `--blockdev` nodes, in order, that may use the TLS
+/// credentials `tls` (`tls-creds=ID`); also returns the name of the last
+/// node.
+pub fn open_blockdevs(
+    args: &[String],
+    tls: &HashMap<String, TlsCredsX509>,
+) -> Result<(BlockGraph, Option<String>)> {
     let mut graph = BlockGraph::new();
+    for (id, c) in tls {
+        graph.add_tls_creds(id.clone(), c.clone());
+    }
     let mut last = None;
     for arg in args {
         let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
@@ -106,10 +113,4 @@ pub fn tls_creds(p: &TlsCredsX509Properties) -> TlsCredsX509 {
         },
         verify_peer: p.verify_peer,
     }
-}
-
-/// The `--object iothread` definitions by id (other objects are checked
-/// and left to whoever uses them).
-pub fn iothread_objects(args: &[String]) -> Result<HashMap<String, IothreadProperties>> {
-    Ok(objects(args)?.iothreads)
 }

@@ -19,6 +19,10 @@ pub struct BenchArgs {
     /// A block node in QEMU's --blockdev syntax (keyval or JSON); repeatable.
     #[arg(long = "blockdev", required = true, value_name = "OPTIONS")]
     blockdevs: Vec<String>,
+    /// An object in QEMU's --object syntax (tls-creds-x509 for an nbd
+    /// node's tls-creds); repeatable.
+    #[arg(long = "object", value_name = "OPTIONS")]
+    objects: Vec<String>,
     /// The node to measure (default: the node of the last --blockdev).
     #[arg(long)]
     node: Option<String>,
@@ -144,7 +148,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Runs the benchmark and prints its report.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let (mut graph, last) = crate::startup::open_blockdevs(&args.blockdevs)?;
+    let objects = crate::startup::objects(&args.objects)?;
+    let (mut graph, last) = crate::startup::open_blockdevs(&args.blockdevs, &objects.tls_creds)?;
     let name = args.node.clone().or(last).context("no --blockdev given")?;
     let node = graph.attach(&name, "bench")?;
     let capacity = node.capacity();

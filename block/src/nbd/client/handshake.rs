@@ -10,13 +10,25 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qapi::export::SocketAddress;
 
+use super::transport::{Socket, Transport};
 use crate::nbd::proto::*;
+use crate::nbd::tls::{ClientConfig, ClientConnection, TlsStream};
+
+/// What a TLS connection needs: the configuration and the name the
+/// server's certificate is checked against.
+pub struct TlsClient {
+    /// From the `tls-creds-x509` object (endpoint=client).
+    pub config: Arc<ClientConfig>,
+    /// The server's name.
+    pub name: rustls::pki_types::ServerName<'static>,
+}
 
 /// Longest option reply payload taken from a server.
 const MAX_OPTION_REPLY: u32 = 64 << 10;
@@ -51,108 +63,6 @@ impl ExportInfo {
     }
 }
 
-/// A connected socket, blocking or not.
-#[derive(Debug)]
-pub struct Socket(OwnedFd);
-
-impl Socket {
-    /// Makes reads and writes return `WouldBlock` instead of waiting.
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        let fd = self.0.as_raw_fd();
-        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let flags = if on {
-            flags | libc::O_NONBLOCK
-        } else {
-            flags & !libc::O_NONBLOCK
-        };
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Sets the receive and send timeouts of blocking calls.
-    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        let tv = match t {
-            Some(t) => libc::timeval {
-                tv_sec: t.as_secs() as libc::time_t,
-                tv_usec: t.subsec_micros() as libc::suseconds_t,
-            },
-            None => libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            },
-        };
-        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            // SAFETY: a valid timeval of the size given, on our socket.
-            let r = unsafe {
-                libc::setsockopt(
-                    self.0.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-            if r < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends both directions (the peer sees EOF).
-    pub fn shutdown(&self) {
-        // SAFETY: shutdown on our socket; errors (not connected) are moot.
-        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
-    }
-}
-
-impl AsRawFd for Socket {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for reads of its length. MSG_NOSIGNAL:
-        // a closed peer is an error, not a SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A printable form of an address (`host:port` or the socket path).
 pub fn describe(addr: &SocketAddress) -> String {
     match addr {
@@ -167,7 +77,7 @@ pub fn connect_socket(addr: &SocketAddress) -> io::Result<Socket> {
     match addr {
         SocketAddress::Unix { path } => {
             let s = UnixStream::connect(path)?;
-            Ok(Socket(s.into()))
+            Ok(Socket::from(OwnedFd::from(s)))
         }
         SocketAddress::Inet { host, port } => {
             let port: u16 = port.parse().map_err(|_| {
@@ -178,7 +88,7 @@ pub fn connect_socket(addr: &SocketAddress) -> io::Result<Socket> {
                 match TcpStream::connect_timeout(&a, STEP_TIMEOUT) {
                     Ok(s) => {
                         s.set_nodelay(true)?;
-                        return Ok(Socket(s.into()));
+                        return Ok(Socket::from(OwnedFd::from(s)));
                     }
                     Err(e) => last = e,
                 }
@@ -276,8 +186,14 @@ fn name_and(data: &mut Vec<u8>, name: &str) {
 }
 
 /// Negotiates `export` on a connected socket (blocking, each step bounded
-/// by a timeout). The socket is left blocking without timeouts.
-pub fn negotiate(s: &mut Socket, export: &str) -> io::Result<ExportInfo> {
+/// by a timeout), over TLS when `tls` is given (NBD_OPT_STARTTLS first,
+/// as the protocol's TLS section says). The connection is left blocking
+/// without timeouts.
+pub fn negotiate(
+    mut s: Socket,
+    export: &str,
+    tls: Option<&TlsClient>,
+) -> io::Result<(Transport, ExportInfo)> {
     if export.len() > 4096 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -285,6 +201,35 @@ pub fn negotiate(s: &mut Socket, export: &str) -> io::Result<ExportInfo> {
         ));
     }
     s.set_timeout(Some(STEP_TIMEOUT))?;
+    let no_zeroes = greeting(&mut s)?;
+    let mut t = match tls {
+        None => Transport::Plain(s),
+        Some(tls) => {
+            send_option(&mut s, opt::STARTTLS, &[])?;
+            let r = read_reply(&mut s, opt::STARTTLS)?;
+            if r.kind != rep::ACK {
+                return Err(io::Error::other(format!(
+                    "the server refused TLS (reply {:#x}){}",
+                    r.kind,
+                    r.message()
+                )));
+            }
+            let conn = ClientConnection::new(tls.config.clone(), tls.name.clone())
+                .map_err(io::Error::other)?;
+            let mut t = TlsStream::new(conn, s);
+            t.handshake()
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+            Transport::Tls(Box::new(t))
+        }
+    };
+    let info = options(&mut t, export, no_zeroes)?;
+    t.set_timeout(None)?;
+    Ok((t, info))
+}
+
+/// The server's greeting and our flags; returns whether the server
+/// leaves out the 124 zero bytes.
+fn greeting(s: &mut Socket) -> io::Result<bool> {
     if read_u64(s)? != NBDMAGIC {
         return Err(protocol("not an NBD server (no NBDMAGIC)"));
     }
@@ -303,7 +248,12 @@ pub fn negotiate(s: &mut Socket, export: &str) -> io::Result<ExportInfo> {
         cflags |= CLIENT_NO_ZEROES;
     }
     s.write_all(&cflags.to_be_bytes())?;
+    Ok(no_zeroes)
+}
 
+/// The options after the greeting (and TLS): structured replies,
+/// `base:allocation`, then the export.
+fn options(s: &mut Transport, export: &str, no_zeroes: bool) -> io::Result<ExportInfo> {
     // Structured replies: READ data in chunks, holes, block status.
     send_option(s, opt::STRUCTURED_REPLY, &[])?;
     let r = read_reply(s, opt::STRUCTURED_REPLY)?;
@@ -370,14 +320,13 @@ pub fn negotiate(s: &mut Socket, export: &str) -> io::Result<ExportInfo> {
             meta_id,
         });
     }
-    s.set_timeout(None)?;
     info.ok_or_else(|| protocol("no export information"))
 }
 
 /// `NBD_OPT_GO` with a request for block sizes; `None` when the server
 /// does not know the option.
 fn go(
-    s: &mut Socket,
+    s: &mut Transport,
     export: &str,
     structured: bool,
     meta_id: Option<u32>,

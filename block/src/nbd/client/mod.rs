@@ -19,6 +19,7 @@
 
 pub mod handshake;
 mod queue;
+pub mod transport;
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,28 +28,30 @@ use std::time::{Duration, Instant};
 
 use qapi::{BlockdevCommon, BlockdevOptionsNbd};
 
-use self::handshake::{connect_socket, describe, negotiate, ExportInfo, Socket};
+use self::handshake::{connect_socket, describe, negotiate, ExportInfo, TlsClient};
+use self::transport::Transport;
 use super::proto::*;
 use crate::limits::BlockLimits;
+use crate::nbd::tls::{TlsCredsX509, TlsEndpoint};
 use crate::node::{BlockNode, BlockStatus, NodeCommon, NodeQueue};
 use crate::stats::NodeStats;
 use crate::BlockError;
 
 /// What every connection of a node needs to reach its export.
-#[derive(Debug)]
 pub(crate) struct Target {
     pub server: qapi::export::SocketAddress,
     pub export: String,
     /// `host:port` or the socket path, for messages.
     pub what: String,
+    /// TLS, when `tls-creds` is set.
+    pub tls: Option<TlsClient>,
 }
 
 impl Target {
     /// Connects and negotiates (blocking).
-    pub fn connect(&self) -> io::Result<(Socket, ExportInfo)> {
-        let mut s = connect_socket(&self.server)?;
-        let info = negotiate(&mut s, &self.export)?;
-        Ok((s, info))
+    pub fn connect(&self) -> io::Result<(Transport, ExportInfo)> {
+        let s = connect_socket(&self.server)?;
+        negotiate(s, &self.export, self.tls.as_ref())
     }
 }
 
@@ -60,7 +63,7 @@ pub(crate) struct Shared {
     pub reconnect_delay: Duration,
     pub stats: Arc<NodeStats>,
     /// Negotiated connections nobody uses (blocking mode).
-    idle: Mutex<Vec<Socket>>,
+    idle: Mutex<Vec<Transport>>,
     /// Queues open now (each holds a connection or is reconnecting).
     queues: AtomicUsize,
 }
@@ -71,7 +74,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     /// An idle connection, or a new one.
-    fn take_connection(&self) -> io::Result<Socket> {
+    fn take_connection(&self) -> io::Result<Transport> {
         if let Some(s) = lock(&self.idle).pop() {
             return Ok(s);
         }
@@ -95,7 +98,7 @@ impl Shared {
     }
 
     /// Hands back a healthy connection with nothing in flight.
-    pub fn give_back(&self, s: Socket) {
+    pub fn give_back(&self, s: Transport) {
         if s.set_nonblocking(false).is_ok() {
             lock(&self.idle).push(s);
         }
@@ -137,6 +140,25 @@ pub(crate) fn request_header(
     out.extend_from_slice(&length.to_be_bytes());
 }
 
+/// The TLS side of a node from its `tls-creds-x509` object: the server's
+/// certificate is checked against `tls-hostname`, or the host of an inet
+/// address; over a unix socket without `tls-hostname` only its chain is.
+fn tls_client(c: &TlsCredsX509, opts: &BlockdevOptionsNbd) -> Result<TlsClient, BlockError> {
+    if c.endpoint != TlsEndpoint::Client {
+        return Err(BlockError::Invalid(
+            "Expecting TLS credentials with a client endpoint".into(),
+        ));
+    }
+    let host = opts.tls_hostname.clone().or(match &opts.server {
+        qapi::export::SocketAddress::Inet { host, .. } => Some(host.clone()),
+        qapi::export::SocketAddress::Unix { .. } => None,
+    });
+    let bad = |e: crate::nbd::tls::NbdTlsError| BlockError::Invalid(format!("nbd: {e}"));
+    let config = c.client_config(host.is_some()).map_err(bad)?;
+    let name = crate::nbd::tls::server_name(host.as_deref()).map_err(bad)?;
+    Ok(TlsClient { config, name })
+}
+
 /// The `nbd` node.
 pub struct NbdNode {
     shared: Arc<Shared>,
@@ -147,16 +169,22 @@ impl NbdNode {
         name: String,
         common: &BlockdevCommon,
         opts: &BlockdevOptionsNbd,
+        creds: Option<&TlsCredsX509>,
     ) -> Result<Self, BlockError> {
-        if let Some(id) = &opts.tls_creds {
-            return Err(BlockError::Invalid(format!(
-                "nbd: TLS (tls-creds '{id}') is not available in the client yet"
-            )));
-        }
+        let tls = match (&opts.tls_creds, creds) {
+            (None, _) => None,
+            (Some(id), None) => {
+                return Err(BlockError::Invalid(format!(
+                    "No TLS credentials with id '{id}'"
+                )))
+            }
+            (Some(_), Some(c)) => Some(tls_client(c, opts)?),
+        };
         let target = Target {
             what: describe(&opts.server),
             server: opts.server.clone(),
             export: opts.export.clone().unwrap_or_default(),
+            tls,
         };
         let deadline = Instant::now() + Duration::from_secs(u64::from(opts.open_timeout));
         let (sock, info) = loop {
@@ -213,7 +241,7 @@ impl NbdNode {
     /// connection (blocking).
     fn query_status(
         &self,
-        s: &mut Socket,
+        s: &mut Transport,
         offset: u64,
         len: u64,
     ) -> io::Result<(u64, BlockStatus)> {

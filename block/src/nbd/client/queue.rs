@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::handshake::Socket;
+use super::transport::Transport;
 use super::{lock, request_header, Shared};
 use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::nbd::proto::*;
@@ -100,13 +100,13 @@ enum Rx {
 
 /// A connection being re-established by a background thread.
 struct Reconnect {
-    socket: Mutex<Option<Socket>>,
+    socket: Mutex<Option<Transport>>,
     ready: AtomicBool,
     cancel: AtomicBool,
 }
 
 enum Link {
-    Up(Socket),
+    Up(Transport),
     Down {
         since: Instant,
         reconnect: Arc<Reconnect>,
@@ -139,6 +139,8 @@ pub(super) struct NbdQueue {
     in_end: usize,
     rx: Rx,
     iov: IovScratch,
+    /// TLS: iovec data copied out before rustls encrypts it.
+    tls_scratch: Vec<u8>,
 }
 
 /// iovecs built for one system call and dropped after it.
@@ -226,7 +228,7 @@ fn errno(e: u32) -> i32 {
 }
 
 impl NbdQueue {
-    pub fn new(shared: Arc<Shared>, sock: Socket) -> Result<Self, BlockError> {
+    pub fn new(shared: Arc<Shared>, sock: Transport) -> Result<Self, BlockError> {
         sock.set_nonblocking(true)
             .map_err(|e| os_error("make the NBD socket non-blocking", e))?;
         // SAFETY: epoll_create1 returns a new descriptor we own, or -1.
@@ -261,7 +263,7 @@ impl NbdQueue {
             epoll_ctl(
                 &epoll,
                 libc::EPOLL_CTL_ADD,
-                sock.as_raw_fd(),
+                sock.fd(),
                 libc::EPOLLIN as u32,
                 TOKEN_SOCKET,
             )
@@ -289,6 +291,7 @@ impl NbdQueue {
             in_end: 0,
             rx: Rx::Header,
             iov: IovScratch(Vec::with_capacity(MAX_IOV)),
+            tls_scratch: Vec::new(),
         })
     }
 
@@ -335,7 +338,7 @@ impl NbdQueue {
 
     fn socket_fd(&self) -> Option<RawFd> {
         match &self.link {
-            Link::Up(s) => Some(s.as_raw_fd()),
+            Link::Up(t) => Some(t.fd()),
             Link::Down { .. } => None,
         }
     }
@@ -356,9 +359,9 @@ impl NbdQueue {
 
     /// Sends what the socket takes of the output.
     fn flush_output(&mut self) -> Result<(), String> {
-        let Some(fd) = self.socket_fd() else {
+        if !matches!(self.link, Link::Up(_)) {
             return Ok(());
-        };
+        }
         while !self.segs.is_empty() {
             self.iov.0.clear();
             let mut own = self.own_pos;
@@ -384,29 +387,30 @@ impl NbdQueue {
                 }
                 skip = 0;
             }
-            // SAFETY: a zeroed msghdr is valid; we set its iovec array.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = self.iov.0.as_mut_ptr();
-            msg.msg_iovlen = self.iov.0.len() as _;
-            // SAFETY: every iovec points into `out_bytes` or into a
-            // request's buffers, valid for reads until its completion.
-            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        self.watch_out(true);
-                        return Ok(());
-                    }
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(format!("send: {e}")),
-                }
+            let Link::Up(t) = &mut self.link else {
+                return Ok(());
+            };
+            match t.send(&self.iov.0, &mut self.tls_scratch) {
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("send: {e}")),
             }
-            self.advance(n as usize);
         }
-        self.out_bytes.clear();
-        self.own_pos = 0;
-        self.watch_out(false);
+        let Link::Up(t) = &mut self.link else {
+            return Ok(());
+        };
+        match t.flush_pending() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("send: {e}")),
+        }
+        let pending = !self.segs.is_empty() || t.wants_write();
+        if self.segs.is_empty() {
+            self.out_bytes.clear();
+            self.own_pos = 0;
+        }
+        self.watch_out(pending);
         Ok(())
     }
 
@@ -685,10 +689,10 @@ impl NbdQueue {
 
     /// Reads and parses what the socket has.
     fn receive(&mut self, out: &mut Vec<Completion>) -> Result<(), String> {
-        let Link::Up(sock) = &mut self.link else {
+        let Link::Up(t) = &self.link else {
             return Ok(());
         };
-        let fd = sock.as_raw_fd();
+        let direct = t.is_plain();
         loop {
             self.parse(out)?;
             if let Rx::Data {
@@ -698,30 +702,25 @@ impl NbdQueue {
                 done,
             } = self.rx
             {
-                if left >= DIRECT_MIN && self.in_start == self.in_end {
+                if direct && left >= DIRECT_MIN && self.in_start == self.in_end {
                     let mut iov = std::mem::take(&mut self.iov.0);
                     iov.clear();
                     sub_iovecs(self.slot(slot).req.iovecs(), pos, left, &mut iov);
                     self.iov.0 = iov;
-                    // SAFETY: the iovecs lie within the request's buffers,
-                    // valid for writes until its completion.
-                    let n =
-                        unsafe { libc::readv(fd, self.iov.0.as_ptr(), self.iov.0.len() as i32) };
-                    match n {
-                        0 => return Err("the server closed the connection".into()),
-                        n if n < 0 => {
-                            let e = io::Error::last_os_error();
-                            match e.kind() {
-                                io::ErrorKind::WouldBlock => return Ok(()),
-                                io::ErrorKind::Interrupted => continue,
-                                _ => return Err(format!("receive: {e}")),
-                            }
-                        }
-                        n => {
-                            let n = n as usize;
+                    let Link::Up(t) = &mut self.link else {
+                        return Ok(());
+                    };
+                    // The iovecs lie within the request's buffers, valid
+                    // for writes until its completion.
+                    match t.readv(&self.iov.0) {
+                        Ok(0) => return Err("the server closed the connection".into()),
+                        Ok(n) => {
                             self.data_progress(slot, pos + n, left - n, done, out);
                             continue;
                         }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(format!("receive: {e}")),
                     }
                 }
             }
@@ -747,9 +746,9 @@ impl NbdQueue {
     fn lose(&mut self, why: &str) {
         let delay = self.shared.reconnect_delay;
         let since = Instant::now();
-        if let Link::Up(sock) = &self.link {
-            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, sock.as_raw_fd(), 0, 0);
-            sock.shutdown();
+        if let Link::Up(t) = &mut self.link {
+            let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, t.fd(), 0, 0);
+            t.shutdown();
             eprintln!(
                 "nbd: node '{}': connection to {} lost ({why}); reconnecting",
                 self.shared.common.name, self.shared.target.what
@@ -839,7 +838,7 @@ impl NbdQueue {
         if let Err(e) = epoll_ctl(
             &self.epoll,
             libc::EPOLL_CTL_ADD,
-            sock.as_raw_fd(),
+            sock.fd(),
             libc::EPOLLIN as u32,
             TOKEN_SOCKET,
         ) {
@@ -1078,12 +1077,12 @@ impl Drop for NbdQueue {
                 }),
             },
         ) {
-            Link::Up(sock) => {
+            Link::Up(mut sock) => {
                 let clean = self.used == 0
                     && self.segs.is_empty()
                     && self.in_start == self.in_end
                     && matches!(self.rx, Rx::Header);
-                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, sock.as_raw_fd(), 0, 0);
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, sock.fd(), 0, 0);
                 if clean {
                     self.shared.give_back(sock);
                 } else {
