@@ -34,8 +34,9 @@ use block::nbd::server::{
 use block::nbd::tls::{ServerConfig, ServerConnection, TlsStream};
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::iothread::{IoSubscriber, IoThread, IoThreadConfig};
+use crate::iothread::{note_event, IoSubscriber, IoThread, IoThreadConfig};
 
 /// How long a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,6 +152,14 @@ impl Transport {
         match self {
             Transport::Plain(_) => false,
             Transport::Tls(t) => t.has_buffered_input(),
+        }
+    }
+
+    /// Output TLS holds that the socket has not taken.
+    fn wants_write(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(t) => t.wants_write(),
         }
     }
 
@@ -417,9 +426,17 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
         Some(tls) => Transport::Tls(Box::new(TlsStream::new(tls, stream))),
         None => Transport::Plain(stream),
     };
+    let wake = match EventFd::new(EFD_NONBLOCK) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("nbd-server: cannot make an eventfd: {e}");
+            return false;
+        }
+    };
     let worker = NbdWorker {
         conn: Some(NbdConnection::new(info, neg, queue)),
         io,
+        wake,
         watching: Interest {
             read: true,
             write: false,
@@ -441,11 +458,15 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
 
 const SOCKET: u32 = 0;
 const COMPLETION: u32 = 1;
+const WAKE: u32 = 2;
 
 /// One connection on its IOThread.
 struct NbdWorker {
     conn: Option<NbdConnection>,
     io: Transport,
+    /// Written by a busy poll that changed what the socket must be
+    /// watched for (it has no `EventOps`): `process` then updates it.
+    wake: EventFd,
     /// What the socket is registered for.
     watching: Interest,
     ended: Arc<AtomicBool>,
@@ -468,6 +489,7 @@ impl NbdWorker {
         if let Some(conn) = self.conn.take() {
             let fd = conn.completion_fd();
             let _ = ops.remove(Events::with_data_raw(fd, COMPLETION, EventSet::IN));
+            let _ = ops.remove(Events::with_data(&self.wake, WAKE, EventSet::IN));
             let _ = ops.remove(Events::with_data(
                 &self.io,
                 SOCKET,
@@ -532,6 +554,7 @@ impl MutEventSubscriber for NbdWorker {
         let set = events.event_set();
         match events.data() {
             SOCKET if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) => {
+                note_event(self.io.as_raw_fd() as u64);
                 if !conn.is_closed() {
                     conn.on_readable(&mut self.io);
                 } else if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
@@ -539,7 +562,13 @@ impl MutEventSubscriber for NbdWorker {
                     return self.end(ops);
                 }
             }
-            COMPLETION => conn.on_completions(),
+            COMPLETION => {
+                note_event(conn.completion_fd() as u64);
+                conn.on_completions();
+            }
+            WAKE => {
+                let _ = self.wake.read();
+            }
             _ => {}
         }
         self.service(ops);
@@ -552,7 +581,8 @@ impl MutEventSubscriber for NbdWorker {
         let fd = conn.completion_fd();
         let r = ops
             .add(Events::with_data(&self.io, SOCKET, EventSet::IN))
-            .and_then(|()| ops.add(Events::with_data_raw(fd, COMPLETION, EventSet::IN)));
+            .and_then(|()| ops.add(Events::with_data_raw(fd, COMPLETION, EventSet::IN)))
+            .and_then(|()| ops.add(Events::with_data(&self.wake, WAKE, EventSet::IN)));
         if let Err(e) = r {
             eprintln!("nbd-server: cannot watch a connection: {e:?}");
             return self.end(ops);
@@ -562,10 +592,37 @@ impl MutEventSubscriber for NbdWorker {
     }
 }
 
+/// A busy-polling IOThread reads the socket between events: at iodepth 1
+/// the next request is usually there before the thread would have gone
+/// to sleep, and taking it then saves the wake-up. (QEMU's NBD server has
+/// no poll handler; the IOThread's `poll-max-ns` is what turns this on or
+/// off here, as for virtqueues.)
 impl IoSubscriber for NbdWorker {
-    // Sockets are not polled (nor are they in QEMU's NBD server).
-    fn pollable(&self) -> bool {
-        false
+    fn poll(&mut self) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return false;
+        };
+        if conn.is_closed() {
+            return false;
+        }
+        let before = conn.requests();
+        if conn.interest().read {
+            conn.on_readable(&mut self.io);
+        } else {
+            conn.on_completions();
+        }
+        let found = conn.requests() != before;
+        if found {
+            note_event(self.io.as_raw_fd() as u64);
+        }
+        conn.on_writable(&mut self.io);
+        conn.resume(&mut self.io);
+        let mut want = conn.interest();
+        want.write |= self.io.wants_write();
+        if conn.is_closed() || want != self.watching || self.io.has_buffered_input() {
+            let _ = self.wake.write(1);
+        }
+        found
     }
 }
 

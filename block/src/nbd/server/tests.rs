@@ -282,3 +282,35 @@ fn fast_zero_is_served_by_a_node_that_zeroes_for_free() {
         vec![(chunk::FLAG_DONE, chunk::NONE, 9, 512, vec![])]
     );
 }
+
+#[test]
+fn zeroes_are_answered_as_a_hole_unless_the_client_says_df() {
+    let mut r = Vec::new();
+    // null-co read-zeroes: every READ reads zeroes.
+    request(&mut r, cmd::READ, 0, 1, 8192, 4096);
+    request(&mut r, cmd::READ, cflag::DF, 2, 8192, 4096);
+    let (conn, out) = transmit(&r);
+    assert!(!conn.is_closed());
+    let mut got = chunks(&out);
+    got.sort_by_key(|c| c.2);
+    let hole = [&8192u64.to_be_bytes()[..], &4096u32.to_be_bytes()].concat();
+    assert_eq!(
+        got[0],
+        (chunk::FLAG_DONE, chunk::OFFSET_HOLE, 1, 8192, hole)
+    );
+    let (flags, kind, _, _, data) = &got[1];
+    assert_eq!((*flags, *kind), (chunk::FLAG_DONE, chunk::OFFSET_DATA));
+    assert_eq!(data.len(), 8 + 4096);
+    assert!(data[8..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn is_zero_sees_one_byte_anywhere() {
+    let mut b = vec![0u8; 4096 + 13];
+    assert!(is_zero(&b));
+    for i in [0, 63, 64, 4095, 4096 + 12] {
+        b[i] = 1;
+        assert!(!is_zero(&b), "byte {i}");
+        b[i] = 0;
+    }
+}
