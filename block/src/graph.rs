@@ -19,6 +19,7 @@ use crate::nbd::tls::TlsCredsX509;
 use crate::node::BlockNode;
 use crate::null::NullNode;
 use crate::raw::RawNode;
+use crate::throttle::{ThrottleGroup, ThrottleNode};
 use crate::BlockError;
 
 /// Longest node name QEMU accepts.
@@ -42,6 +43,8 @@ pub struct BlockGraph {
     registrar: RamRegistrar,
     /// `tls-creds-x509` objects nodes may name (`tls-creds=ID`).
     tls_creds: HashMap<String, TlsCredsX509>,
+    /// `throttle-group` objects `throttle` nodes may name.
+    throttle_groups: HashMap<String, Arc<ThrottleGroup>>,
 }
 
 /// Nodes opened by one `add`, inserted only when all of them opened.
@@ -68,6 +71,16 @@ impl BlockGraph {
     /// Makes a `tls-creds-x509` object available to nodes as `tls-creds=id`.
     pub fn add_tls_creds(&mut self, id: String, creds: TlsCredsX509) {
         self.tls_creds.insert(id, creds);
+    }
+
+    /// Makes a throttle group available to `throttle` nodes.
+    pub fn add_throttle_group(&mut self, group: Arc<ThrottleGroup>) {
+        self.throttle_groups.insert(group.name().to_string(), group);
+    }
+
+    /// A throttle group by id.
+    pub fn throttle_group(&self, id: &str) -> Option<&Arc<ThrottleGroup>> {
+        self.throttle_groups.get(id)
     }
 
     /// The RAM registrar every node of this graph follows.
@@ -114,6 +127,32 @@ impl BlockGraph {
         }
     }
 
+    /// A format or filter node's child: an existing node (which gains a
+    /// parent) or one opened inline (read-only if the parent is).
+    fn child(
+        &mut self,
+        r: &BlockdevRef,
+        parent: &str,
+        common: &qapi::BlockdevCommon,
+        pending: &mut Pending,
+        children: &mut Vec<String>,
+    ) -> Result<Arc<dyn BlockNode>, BlockError> {
+        match r {
+            BlockdevRef::Reference(child) => {
+                let c = self.lookup(child)?;
+                pending.links.push((child.clone(), parent.to_string()));
+                Ok(c)
+            }
+            BlockdevRef::Definition(def) => {
+                let mut def = (**def).clone();
+                def.common.read_only |= common.read_only;
+                let c = self.open(&def, true, pending)?;
+                children.push(c.node_name().to_string());
+                Ok(c)
+            }
+        }
+    }
+
     fn open(
         &mut self,
         opts: &BlockdevOptions,
@@ -132,20 +171,7 @@ impl BlockGraph {
             )?),
             BlockdevDriver::NullCo(n) => Arc::new(NullNode::open(name.clone(), common, n)?),
             BlockdevDriver::Raw(r) => {
-                let child = match &r.file {
-                    BlockdevRef::Reference(child) => {
-                        let c = self.lookup(child)?;
-                        pending.links.push((child.clone(), name.clone()));
-                        c
-                    }
-                    BlockdevRef::Definition(def) => {
-                        let mut def = (**def).clone();
-                        def.common.read_only |= common.read_only;
-                        let c = self.open(&def, true, pending)?;
-                        children.push(c.node_name().to_string());
-                        c
-                    }
-                };
+                let child = self.child(&r.file, &name, common, pending, &mut children)?;
                 let (offset, size) = (r.offset.map(|s| s.0), r.size.map(|s| s.0));
                 Arc::new(RawNode::open(name.clone(), common, child, offset, size)?)
             }
@@ -154,6 +180,20 @@ impl BlockGraph {
             BlockdevDriver::VirtioBlkVhostUser(o) => self.open_blkio(&name, common, o.into())?,
             BlockdevDriver::VirtioBlkVhostVdpa(o) => self.open_blkio(&name, common, o.into())?,
             BlockdevDriver::VirtioBlkVfioPci(o) => self.open_blkio(&name, common, o.into())?,
+            BlockdevDriver::Throttle(t) => {
+                let group = self
+                    .throttle_groups
+                    .get(&t.throttle_group)
+                    .cloned()
+                    .ok_or_else(|| {
+                        BlockError::Invalid(format!(
+                            "Throttle group '{}' does not exist",
+                            t.throttle_group
+                        ))
+                    })?;
+                let child = self.child(&t.file, &name, common, pending, &mut children)?;
+                Arc::new(ThrottleNode::open(name.clone(), common, child, group)?)
+            }
             BlockdevDriver::Nbd(o) => {
                 let creds = o.tls_creds.as_ref().and_then(|id| self.tls_creds.get(id));
                 Arc::new(NbdNode::open(name.clone(), common, o, creds)?)

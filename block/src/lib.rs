@@ -27,6 +27,7 @@ pub mod raw;
 pub mod request;
 pub mod stats;
 mod sys;
+pub mod throttle;
 
 pub use error::BlockError;
 pub use graph::BlockGraph;

@@ -111,6 +111,9 @@ pub enum BlockdevDriver {
     /// The NBD client.
     #[serde(rename = "nbd")]
     Nbd(BlockdevOptionsNbd),
+    /// The throttle filter.
+    #[serde(rename = "throttle")]
+    Throttle(BlockdevOptionsThrottle),
 }
 
 impl BlockdevDriver {
@@ -126,6 +129,7 @@ impl BlockdevDriver {
             Self::VirtioBlkVhostVdpa(_) => "virtio-blk-vhost-vdpa",
             Self::VirtioBlkVfioPci(_) => "virtio-blk-vfio-pci",
             Self::Nbd(_) => "nbd",
+            Self::Throttle(_) => "throttle",
         }
     }
 }
@@ -291,6 +295,16 @@ pub struct BlockdevOptionsNbd {
     /// Seconds to keep trying the first connection (default 0: one try).
     #[serde(default)]
     pub open_timeout: u32,
+}
+
+/// `driver=throttle` members (QEMU's `BlockdevOptionsThrottle`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BlockdevOptionsThrottle {
+    /// The `throttle-group` object whose limits apply.
+    pub throttle_group: String,
+    /// The child node.
+    pub file: BlockdevRef,
 }
 
 mod parse;

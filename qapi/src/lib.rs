@@ -28,6 +28,7 @@ pub mod keyval;
 pub mod object;
 pub mod qmp;
 mod size;
+pub mod throttle;
 pub mod value;
 
 use serde::de::DeserializeOwned;

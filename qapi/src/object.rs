@@ -30,6 +30,8 @@ pub enum ObjectProperties {
     Iothread(IothreadProperties),
     /// X.509 TLS credentials (NBD's TLS).
     TlsCredsX509(TlsCredsX509Properties),
+    /// Limits shared by `throttle` nodes.
+    ThrottleGroup(Box<crate::throttle::ThrottleGroupProperties>),
 }
 
 impl ObjectProperties {
@@ -38,6 +40,7 @@ impl ObjectProperties {
         match self {
             Self::Iothread(_) => "iothread",
             Self::TlsCredsX509(_) => "tls-creds-x509",
+            Self::ThrottleGroup(_) => "throttle-group",
         }
     }
 }
@@ -97,6 +100,7 @@ pub fn parse_object(arg: &str) -> Result<ObjectOptions, QapiError> {
 enum QomType {
     Iothread,
     TlsCredsX509,
+    ThrottleGroup,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +114,7 @@ fn object_at(value: &Value, path: &str) -> Result<ObjectOptions, DeError> {
     let properties = match union.tag()? {
         QomType::Iothread => ObjectProperties::Iothread(union.variant()?),
         QomType::TlsCredsX509 => ObjectProperties::TlsCredsX509(union.variant()?),
+        QomType::ThrottleGroup => ObjectProperties::ThrottleGroup(union.variant()?),
     };
     let ObjectBase { id } = union.base()?;
     Ok(ObjectOptions { id, properties })

@@ -83,7 +83,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let serial = parse_serial(&args.serial)?;
     let qmp_addrs = args.monitor.addresses()?;
     let objects = startup::objects(&args.objects)?;
-    let (mut graph, _) = startup::open_blockdevs(&args.blockdevs, &objects.tls_creds)?;
+    let (mut graph, _) = startup::open_blockdevs(&args.blockdevs, &objects)?;
     let iothreads = objects.iothreads;
     let mut device_opts: Vec<DeviceOptions> = Vec::new();
     for arg in &args.devices {

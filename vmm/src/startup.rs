@@ -5,9 +5,11 @@
 //! QEMU names the bad argument.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use block::nbd::tls::{TlsCredsX509, TlsEndpoint};
+use block::throttle::ThrottleGroup;
 use block::BlockGraph;
 use clap::Args;
 use qapi::object::{
@@ -51,15 +53,15 @@ impl MonitorArgs {
 }
 
 /// A graph of the `--blockdev` nodes, in order, that may use the TLS
-/// credentials `tls` (`tls-creds=ID`); also returns the name of the last
-/// node.
-pub fn open_blockdevs(
-    args: &[String],
-    tls: &HashMap<String, TlsCredsX509>,
-) -> Result<(BlockGraph, Option<String>)> {
+/// credentials (`tls-creds=ID`) and throttle groups of `objects`; also
+/// returns the name of the last node.
+pub fn open_blockdevs(args: &[String], objects: &Objects) -> Result<(BlockGraph, Option<String>)> {
     let mut graph = BlockGraph::new();
-    for (id, c) in tls {
+    for (id, c) in &objects.tls_creds {
         graph.add_tls_creds(id.clone(), c.clone());
+    }
+    for g in objects.throttle_groups.values() {
+        graph.add_throttle_group(g.clone());
     }
     let mut last = None;
     for arg in args {
@@ -77,6 +79,8 @@ pub struct Objects {
     pub iothreads: HashMap<String, IothreadProperties>,
     /// `tls-creds-x509` objects, their files loaded once to check them.
     pub tls_creds: HashMap<String, TlsCredsX509>,
+    /// `throttle-group` objects.
+    pub throttle_groups: HashMap<String, Arc<ThrottleGroup>>,
 }
 
 /// Every `--object` (a duplicate id refused, TLS credentials that cannot
@@ -86,12 +90,22 @@ pub fn objects(args: &[String]) -> Result<Objects> {
     for arg in args {
         let o: ObjectOptions =
             qapi::object::parse_object(arg).with_context(|| format!("--object {arg}"))?;
-        if out.iothreads.contains_key(&o.id) || out.tls_creds.contains_key(&o.id) {
+        if out.iothreads.contains_key(&o.id)
+            || out.tls_creds.contains_key(&o.id)
+            || out.throttle_groups.contains_key(&o.id)
+        {
             bail!("--object {arg}: duplicate ID '{}' for object", o.id);
         }
         match o.properties {
             ObjectProperties::Iothread(p) => {
                 out.iothreads.insert(o.id, p);
+            }
+            ObjectProperties::ThrottleGroup(p) => {
+                let config = block::throttle::apply_limits(Default::default(), &p.merged());
+                let g = ThrottleGroup::new(&o.id, config)
+                    .map_err(|e| anyhow::anyhow!(e))
+                    .with_context(|| format!("--object {arg}"))?;
+                out.throttle_groups.insert(o.id, Arc::new(g));
             }
             ObjectProperties::TlsCredsX509(p) => {
                 let creds = tls_creds(&p);

@@ -83,7 +83,7 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
     let signals = signals::block_termination()?;
     let qmp_addrs = args.monitor.addresses()?;
     let objects = startup::objects(&args.objects)?;
-    let (graph, _) = startup::open_blockdevs(&args.blockdevs, &objects.tls_creds)?;
+    let (graph, _) = startup::open_blockdevs(&args.blockdevs, &objects)?;
     let mut iothreads = HashMap::new();
     for (id, p) in objects.iothreads {
         let t = IoThread::new(&id, vmm::attach::iothread_config(&p))

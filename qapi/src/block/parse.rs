@@ -43,6 +43,7 @@ enum DriverName {
     VirtioBlkVhostVdpa,
     VirtioBlkVfioPci,
     Nbd,
+    Throttle,
 }
 
 /// Parses the `BlockdevOptions` at the dotted `path` (empty for the root).
@@ -58,6 +59,7 @@ pub(crate) fn blockdev_at(value: &Value, path: &str) -> Result<BlockdevOptions, 
         DriverName::VirtioBlkVhostVdpa => BlockdevDriver::VirtioBlkVhostVdpa(union.variant()?),
         DriverName::VirtioBlkVfioPci => BlockdevDriver::VirtioBlkVfioPci(union.variant()?),
         DriverName::Nbd => BlockdevDriver::Nbd(union.variant()?),
+        DriverName::Throttle => BlockdevDriver::Throttle(union.variant()?),
     };
     let common = union.base()?;
     Ok(BlockdevOptions { common, driver })

@@ -149,7 +149,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// Runs the benchmark and prints its report.
 pub fn run(args: BenchArgs) -> Result<()> {
     let objects = crate::startup::objects(&args.objects)?;
-    let (mut graph, last) = crate::startup::open_blockdevs(&args.blockdevs, &objects.tls_creds)?;
+    let (mut graph, last) = crate::startup::open_blockdevs(&args.blockdevs, &objects)?;
     let name = args.node.clone().or(last).context("no --blockdev given")?;
     let node = graph.attach(&name, "bench")?;
     let capacity = node.capacity();
