@@ -128,8 +128,13 @@ pub trait NodeQueue: Send {
     /// `out` (or nothing is in flight). For callers without an event loop,
     /// such as the benchmark.
     fn wait_completions(&mut self, min: usize, out: &mut Vec<Completion>) -> usize {
-        self.kick();
+        // What the node finished inline is taken before the kick, which
+        // then has nothing to signal (no eventfd write and read).
         let mut got = self.poll_completions(out);
+        self.kick();
+        if got < min {
+            got += self.poll_completions(out);
+        }
         while got < min && self.in_flight() > 0 {
             crate::sys::wait_readable(self.completion_fd());
             got += self.poll_completions(out);

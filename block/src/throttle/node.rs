@@ -280,20 +280,22 @@ impl NodeQueue for ThrottleQueue {
     fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
         let start = out.len();
         let mut signaled = self.local.drain_into(out);
-        if self.waker.woken.swap(false, Ordering::AcqRel) {
+        if self.waker.woken.load(Ordering::Acquire)
+            && self.waker.woken.swap(false, Ordering::AcqRel)
+        {
             signaled = true;
         }
         if signaled {
             clear_eventfd(&self.waker.eventfd);
         }
-        let mut look = signaled || !self.group.enabled();
+        let mut look = signaled;
         if self.due.is_some_and(|d| d <= Instant::now()) {
             self.due = None;
             // Disarming also clears the timer's readiness.
             let _ = self.timer.reset(Duration::ZERO, None);
             look = true;
         }
-        if look && self.waiting_len() > 0 {
+        if self.waiting_len() > 0 && (look || !self.group.enabled()) {
             if self.group.enabled() {
                 self.dispatch();
             } else {
