@@ -63,6 +63,12 @@ pub trait BlockNode: Send + Sync {
     /// Open a data-plane queue for one thread.
     fn open_queue(&self) -> Result<Box<dyn NodeQueue>, BlockError>;
 
+    /// The throttle group whose limits apply to this node (a `throttle`
+    /// filter's), for QMP `block_set_io_throttle`.
+    fn throttle_group(&self) -> Option<Arc<crate::throttle::ThrottleGroup>> {
+        None
+    }
+
     /// What the range from `offset` (below the capacity) holds, for at
     /// least 1 and at most `len` bytes: returns that length and its
     /// status (QEMU's `bdrv_block_status`, NBD's `base:allocation`). A

@@ -115,6 +115,84 @@ pub struct MonitorOptions {
     pub pretty: Option<bool>,
 }
 
+/// `block_set_io_throttle` (QEMU's `BlockIOThrottle`): the six average
+/// limits are required, as in QEMU; `group`, or the throttle node named
+/// by `device` or `id`, says whose limits change.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockSetIoThrottleArgs {
+    /// A `throttle` node.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// A `throttle` node (QEMU: a device's qdev id).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The throttle group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Average limit `bps` (0: none).
+    pub bps: u64,
+    /// Average limit `bps_rd` (0: none).
+    pub bps_rd: u64,
+    /// Average limit `bps_wr` (0: none).
+    pub bps_wr: u64,
+    /// Average limit `iops` (0: none).
+    pub iops: u64,
+    /// Average limit `iops_rd` (0: none).
+    pub iops_rd: u64,
+    /// Average limit `iops_wr` (0: none).
+    pub iops_wr: u64,
+    /// Burst rate of `bps`.
+    #[serde(default)]
+    pub bps_max: Option<u64>,
+    /// Burst rate of `bps_rd`.
+    #[serde(default)]
+    pub bps_rd_max: Option<u64>,
+    /// Burst rate of `bps_wr`.
+    #[serde(default)]
+    pub bps_wr_max: Option<u64>,
+    /// Burst rate of `iops`.
+    #[serde(default)]
+    pub iops_max: Option<u64>,
+    /// Burst rate of `iops_rd`.
+    #[serde(default)]
+    pub iops_rd_max: Option<u64>,
+    /// Burst rate of `iops_wr`.
+    #[serde(default)]
+    pub iops_wr_max: Option<u64>,
+    /// Seconds the `bps_max` burst may last.
+    #[serde(default)]
+    pub bps_max_length: Option<u64>,
+    /// Seconds the `bps_rd_max` burst may last.
+    #[serde(default)]
+    pub bps_rd_max_length: Option<u64>,
+    /// Seconds the `bps_wr_max` burst may last.
+    #[serde(default)]
+    pub bps_wr_max_length: Option<u64>,
+    /// Seconds the `iops_max` burst may last.
+    #[serde(default)]
+    pub iops_max_length: Option<u64>,
+    /// Seconds the `iops_rd_max` burst may last.
+    #[serde(default)]
+    pub iops_rd_max_length: Option<u64>,
+    /// Seconds the `iops_wr_max` burst may last.
+    #[serde(default)]
+    pub iops_wr_max_length: Option<u64>,
+    /// A request larger than this counts as several operations.
+    #[serde(default)]
+    pub iops_size: Option<u64>,
+}
+
+/// `qom-get`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QomGetArgs {
+    /// The object's id (or `/objects/ID`).
+    pub path: String,
+    /// The property.
+    pub property: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

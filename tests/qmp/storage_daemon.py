@@ -402,6 +402,50 @@ async def iothreads_are_listed():
     assert d.stop() == 0, d.output()
 
 
+async def throttle_limits_change_live():
+    """A throttle node's group: qom-get/qom-set of its limits and
+    block_set_io_throttle change the rate a client sees, at once; bad
+    limits and wrong targets get QEMU's errors and change nothing."""
+    d = Daemon("sd", "--object", "iothread,id=io0",
+               "--object", "throttle-group,id=g0,x-iops-total=200",
+               "--blockdev", "null-co,node-name=n0",
+               "--blockdev", "throttle,node-name=t0,throttle-group=g0,file=n0",
+               "--export", f"vhost-user-blk,id=e0,node-name=t0,iothread=io0,addr.type=unix,"
+                           f"addr.path={os.path.join(ARGS.workdir, 'e0.sock')},writable=on")
+    qmp = await connect(d)
+
+    def rate():
+        r = bench_result(bench("--blockdev", vhost_user(d.sock("e0.sock")),
+                               "--iodepth", "8", runtime=2))
+        return r["iops"]
+
+    lim = await qmp.execute("qom-get", {"path": "/objects/g0", "property": "limits"})
+    assert lim["iops-total"] == 200 and lim["bps-total"] == 0, lim
+    r = rate()
+    assert 180 <= r <= 240, f"{r} IOPS at iops-total=200"
+    await qmp.execute("qom-set", {"path": "g0", "property": "limits",
+                                  "value": {"iops-total": 1000}})
+    r = rate()
+    assert 900 <= r <= 1150, f"{r} IOPS at iops-total=1000"
+    await qmp.execute("block_set_io_throttle", {
+        "device": "t0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 400, "iops_rd": 0, "iops_wr": 0})
+    r = rate()
+    assert 360 <= r <= 460, f"{r} IOPS after block_set_io_throttle iops=400"
+    await expect_error(qmp, "block_set_io_throttle", {
+        "device": "n0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+        "iops": 1, "iops_rd": 0, "iops_wr": 0}, "GenericError", "not a throttle node")
+    await expect_error(qmp, "qom-set", {"path": "g0", "property": "limits",
+                                        "value": {"iops-total-max": 10}},
+                       "GenericError", "cannot be lower")
+    await expect_error(qmp, "qom-get", {"path": "nope", "property": "limits"},
+                       "DeviceNotFound", "nope")
+    lim = await qmp.execute("qom-get", {"path": "g0", "property": "limits"})
+    assert lim["iops-total"] == 400 and lim["iops-total-max"] == 0, lim
+    await qmp.disconnect()
+    assert d.stop() == 0, d.output()
+
+
 def main():
     global ARGS
     p = argparse.ArgumentParser()

@@ -77,3 +77,8 @@ fn bad_qmp_input_gets_qemu_errors_and_nothing_stops() -> Result<()> {
 fn query_iothreads_lists_objects_and_threads() -> Result<()> {
     scenario("iothreads_are_listed")
 }
+
+#[test]
+fn throttle_limits_change_live_over_qmp() -> Result<()> {
+    scenario("throttle_limits_change_live")
+}

@@ -310,6 +310,9 @@ impl Monitor for VmMonitor {
             "query-blockstats" => self.query_blockstats(a),
             "blockdev-add" => qmp::block::blockdev_add(&mut self.graph(), a),
             "blockdev-del" => qmp::block::blockdev_del(&mut self.graph(), a),
+            "block_set_io_throttle" => qmp::block::block_set_io_throttle(&self.graph(), a),
+            "qom-get" => qmp::block::qom_get(&self.graph(), a),
+            "qom-set" => qmp::block::qom_set(&self.graph(), a),
             "block_resize" => self.block_resize(a),
             _ => Err(QmpError {
                 class: ErrorClass::CommandNotFound,

@@ -455,6 +455,9 @@ impl Monitor for Daemon {
             "query-blockstats" => qmp::block::query_blockstats(&self.lock().graph, a),
             "blockdev-add" => qmp::block::blockdev_add(&mut self.lock().graph, a),
             "blockdev-del" => qmp::block::blockdev_del(&mut self.lock().graph, a),
+            "block_set_io_throttle" => qmp::block::block_set_io_throttle(&self.lock().graph, a),
+            "qom-get" => qmp::block::qom_get(&self.lock().graph, a),
+            "qom-set" => qmp::block::qom_set(&self.lock().graph, a),
             "block_resize" => {
                 // The export's GET_CONFIG reads the node's capacity, so a
                 // frontend that reads the config again sees the new size.

@@ -99,6 +99,9 @@ impl BlockNode for ThrottleNode {
     fn block_status(&self, offset: u64, len: u64) -> Result<(u64, BlockStatus), BlockError> {
         self.child.block_status(offset, len)
     }
+    fn throttle_group(&self) -> Option<Arc<ThrottleGroup>> {
+        Some(self.group.clone())
+    }
     fn open_queue(&self) -> Result<Box<dyn NodeQueue>, BlockError> {
         let child = self.child.open_queue()?;
         Ok(Box::new(ThrottleQueue::new(self, child)?))

@@ -4,8 +4,13 @@
 
 use std::sync::Arc;
 
+use block::throttle::{apply_limits, Bucket, BucketLimit, ThrottleConfig, ThrottleGroup};
 use block::{BlockError, BlockGraph, BlockNode};
-use qapi::qmp::{BlockResizeArgs, BlockdevDelArgs, QueryBlockstatsArgs, QueryNamedBlockNodesArgs};
+use qapi::qmp::{
+    BlockResizeArgs, BlockSetIoThrottleArgs, BlockdevDelArgs, QomGetArgs, QueryBlockstatsArgs,
+    QueryNamedBlockNodesArgs,
+};
+use qapi::throttle::ThrottleLimits;
 use qapi::{BlockdevDetectZeroesOptions, BlockdevDiscardOptions};
 use serde_json::{json, Map, Value};
 
@@ -18,6 +23,9 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-add",
     "blockdev-del",
     "block_resize",
+    "block_set_io_throttle",
+    "qom-get",
+    "qom-set",
 ];
 
 impl From<BlockError> for QmpError {
@@ -235,4 +243,149 @@ pub fn block_resize(
     let node = graph.lookup(name)?;
     node.truncate(a.size as u64)?;
     Ok(node)
+}
+
+/// The throttle group a `block_set_io_throttle` names: `group`, or that
+/// of the `throttle` node `device`/`id` names.
+fn throttle_group_of(
+    graph: &BlockGraph,
+    a: &BlockSetIoThrottleArgs,
+) -> Result<Arc<ThrottleGroup>, QmpError> {
+    if let Some(g) = &a.group {
+        return graph
+            .throttle_group(g)
+            .cloned()
+            .ok_or_else(|| QmpError::generic(format!("Throttle group '{g}' does not exist")));
+    }
+    let name = match (&a.device, &a.id) {
+        (Some(d), None) | (None, Some(d)) => d,
+        _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+    };
+    let node = graph.lookup(name)?;
+    node.throttle_group().ok_or_else(|| {
+        QmpError::generic(format!(
+            "Node '{name}' is not a throttle node (driver '{}')",
+            node.driver()
+        ))
+    })
+}
+
+/// `block_set_io_throttle`: replaces the group's limits with the
+/// arguments' (QEMU's semantics: what is left out is unlimited).
+pub fn block_set_io_throttle(
+    graph: &BlockGraph,
+    a: &Map<String, Value>,
+) -> Result<Value, QmpError> {
+    let a: BlockSetIoThrottleArgs = args(a)?;
+    let group = throttle_group_of(graph, &a)?;
+    let mut c = ThrottleConfig::default();
+    let mut set = |b: Bucket, avg: u64, max: Option<u64>, len: Option<u64>| {
+        *c.bucket_mut(b) = BucketLimit {
+            avg,
+            max: max.unwrap_or(0),
+            burst_length: len.unwrap_or(1),
+        };
+    };
+    set(Bucket::BpsTotal, a.bps, a.bps_max, a.bps_max_length);
+    set(Bucket::BpsRead, a.bps_rd, a.bps_rd_max, a.bps_rd_max_length);
+    set(
+        Bucket::BpsWrite,
+        a.bps_wr,
+        a.bps_wr_max,
+        a.bps_wr_max_length,
+    );
+    set(Bucket::OpsTotal, a.iops, a.iops_max, a.iops_max_length);
+    set(
+        Bucket::OpsRead,
+        a.iops_rd,
+        a.iops_rd_max,
+        a.iops_rd_max_length,
+    );
+    set(
+        Bucket::OpsWrite,
+        a.iops_wr,
+        a.iops_wr_max,
+        a.iops_wr_max_length,
+    );
+    c.op_size = a.iops_size.unwrap_or(0);
+    group.set_config(c).map_err(QmpError::generic)?;
+    Ok(json!({}))
+}
+
+/// A throttle group's `limits` in QEMU's `ThrottleLimits` shape.
+fn limits_json(c: &ThrottleConfig) -> Value {
+    let mut m = Map::new();
+    for (b, name) in [
+        (Bucket::BpsTotal, "bps-total"),
+        (Bucket::BpsRead, "bps-read"),
+        (Bucket::BpsWrite, "bps-write"),
+        (Bucket::OpsTotal, "iops-total"),
+        (Bucket::OpsRead, "iops-read"),
+        (Bucket::OpsWrite, "iops-write"),
+    ] {
+        let k = c.buckets[b as usize];
+        m.insert(name.into(), json!(k.avg));
+        m.insert(format!("{name}-max"), json!(k.max));
+        m.insert(format!("{name}-max-length"), json!(k.burst_length));
+    }
+    m.insert("iops-size".into(), json!(c.op_size));
+    Value::Object(m)
+}
+
+fn object_path(path: &str) -> &str {
+    path.strip_prefix("/objects/").unwrap_or(path)
+}
+
+/// `qom-get` of a throttle group's `limits`.
+pub fn qom_get(graph: &BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
+    let a: QomGetArgs = args(a)?;
+    let id = object_path(&a.path);
+    let g = graph
+        .throttle_group(id)
+        .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))?;
+    match a.property.as_str() {
+        "limits" => Ok(limits_json(&g.config())),
+        p => Err(QmpError::generic(format!("Property '{p}' not found"))),
+    }
+}
+
+/// `qom-set` of a throttle group's `limits`: the members given change,
+/// the rest stay (QEMU's `throttle_group_set_limits`).
+pub fn qom_set(graph: &BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
+    let field = |k: &str| {
+        a.get(k)
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{k}' is missing")))
+    };
+    if let Some(k) = a
+        .keys()
+        .find(|k| !["path", "property", "value"].contains(&k.as_str()))
+    {
+        return Err(QmpError::generic(format!("Invalid parameter '{k}'")));
+    }
+    let (Some(path), Some(property)) = (field("path")?.as_str(), field("property")?.as_str())
+    else {
+        return Err(QmpError::generic(
+            "Invalid parameter type for 'path' or 'property', expected: string",
+        ));
+    };
+    let id = object_path(path);
+    let g = graph
+        .throttle_group(id)
+        .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))?;
+    if property != "limits" {
+        return Err(QmpError::generic(format!(
+            "Property '{property}' not found"
+        )));
+    }
+    let limits: ThrottleLimits = match field("value")? {
+        Value::Object(m) => args(m)?,
+        _ => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'value', expected: object",
+            ))
+        }
+    };
+    let c = apply_limits(g.config(), &limits);
+    g.set_config(c).map_err(QmpError::generic)?;
+    Ok(json!({}))
 }
