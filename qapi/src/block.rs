@@ -80,6 +80,23 @@ pub enum BlockdevDetectZeroesOptions {
     Unmap,
 }
 
+/// QEMU's `BlockdevOnError`: what a device does when its node fails a
+/// request (`werror`, `rerror`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockdevOnError {
+    /// The guest gets the error.
+    Report,
+    /// The guest is told the request succeeded.
+    Ignore,
+    /// Stop on ENOSPC, report other errors.
+    Enospc,
+    /// Keep the request and stop until `cont`.
+    Stop,
+    /// The device's default (`enospc` for writes, `report` for reads).
+    Auto,
+}
+
 /// The driver-specific part, tagged by `driver`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "driver")]

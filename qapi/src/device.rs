@@ -86,6 +86,10 @@ pub struct DeviceOptions {
     pub write_zeroes: Option<bool>,
     /// Offer CONFIG_WCE (the guest may switch the write cache).
     pub config_wce: Option<bool>,
+    /// What a failed write does (virtio-blk).
+    pub werror: Option<crate::BlockdevOnError>,
+    /// What a failed read does (virtio-blk).
+    pub rerror: Option<crate::BlockdevOnError>,
 }
 
 /// One entry of `iothread-vq-mapping` (QEMU's `IOThreadVirtQueueMapping`).

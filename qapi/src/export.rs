@@ -68,6 +68,11 @@ pub struct BlockExportOptions {
     pub iothread: Option<String>,
     /// Where the vhost-user server listens (vhost-user-blk only).
     pub addr: Option<SocketAddress>,
+    /// What a failed write does (vhost-user-blk; a blkvm extension with
+    /// the devices' values, default `enospc`).
+    pub werror: Option<crate::BlockdevOnError>,
+    /// What a failed read does (vhost-user-blk; default `report`).
+    pub rerror: Option<crate::BlockdevOnError>,
     /// The NBD export's name (default: the node name; nbd only).
     pub name: Option<String>,
     /// The NBD export's description (nbd only).

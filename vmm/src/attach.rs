@@ -19,7 +19,9 @@ use devices::vhost_user_blk::device::{VhostUserBlk, VhostUserBlkDeviceOptions};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use devices::virtio::pci::{VirtioPciDevice, BAR_SIZE as PCI_BAR_SIZE};
 use devices::virtio::VirtioDevice;
-use devices::virtio_blk::{BlkOptions, GuestMem, VirtioBlk, VirtioBlkConfig};
+use devices::virtio_blk::{
+    BlkOptions, ErrorAction, GuestMem, IoStatus, VirtioBlk, VirtioBlkConfig,
+};
 use qapi::device::DeviceOptions;
 use qapi::object::IothreadProperties;
 use qapi::qmp::ChardevSocketOptions;
@@ -44,6 +46,17 @@ pub fn device_label(d: &DeviceOptions, index: usize) -> String {
     }
 }
 
+/// A `werror`/`rerror` value; `auto` and absent are the device's default.
+pub fn error_action(v: Option<qapi::BlockdevOnError>, default: ErrorAction) -> ErrorAction {
+    match v {
+        None | Some(qapi::BlockdevOnError::Auto) => default,
+        Some(qapi::BlockdevOnError::Report) => ErrorAction::Report,
+        Some(qapi::BlockdevOnError::Ignore) => ErrorAction::Ignore,
+        Some(qapi::BlockdevOnError::Enospc) => ErrorAction::Enospc,
+        Some(qapi::BlockdevOnError::Stop) => ErrorAction::Stop,
+    }
+}
+
 /// Checks `d` (QEMU's messages for the same mistakes) and builds its
 /// virtio-blk configuration for a node that is `read_only` or not.
 pub fn blk_options(d: &DeviceOptions, read_only: bool) -> Result<BlkOptions> {
@@ -62,6 +75,9 @@ pub fn blk_options(d: &DeviceOptions, read_only: bool) -> Result<BlkOptions> {
         write_zeroes: d.write_zeroes.unwrap_or(true),
         config_wce: d.config_wce.unwrap_or(true),
         serial: d.serial.clone().unwrap_or_default(),
+        werror: error_action(d.werror, ErrorAction::Enospc),
+        rerror: error_action(d.rerror, ErrorAction::Report),
+        io_status: Some(Arc::new(IoStatus::default())),
     };
     opts.check()?;
     Ok(opts)
@@ -248,6 +264,9 @@ pub struct AttachedDevice {
     pub node: Option<Arc<dyn BlockNode>>,
     /// Its transport.
     pub transport: Transport,
+    /// Its I/O status (`werror`/`rerror` stop; QMP `io-status`), when it
+    /// serves its queues itself.
+    pub io_status: Option<Arc<IoStatus>>,
 }
 
 impl AttachedDevice {
@@ -394,12 +413,14 @@ pub fn attach_devices(
     let mut out = Vec::new();
     for (i, d) in devices.into_iter().enumerate() {
         let label = d.label.clone();
+        let mut io_status = None;
         let (node, transport) = match d.backend {
             PreparedBackend::Node {
                 node,
                 config,
                 queue_threads,
             } => {
+                io_status = config.io_status.clone();
                 let threads = queue_threads
                     .iter()
                     .filter_map(|id| iothreads.iter().find(|t| t.id() == id.as_str()).cloned())
@@ -436,6 +457,7 @@ pub fn attach_devices(
             id: d.options.id.clone(),
             node,
             transport,
+            io_status,
         });
     }
     Ok(Attached {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::{BlockGraph, RequestOp};
 use devices::vhost_user_blk::device::BackendEvent;
+use devices::virtio_blk::ErrorOutcome;
 use serde_json::{json, Map, Value};
 use vmm::attach::{Attached, AttachedDevice};
 use vmm::vm::VmControl;
@@ -94,7 +95,8 @@ impl VmMonitor {
                 continue;
             };
             let (ev, qdev, node) = (events.clone(), qdev.clone(), node.node_name().to_string());
-            d.set_io_error_hook(Some(Arc::new(move |op, err| {
+            let ctl = control.clone();
+            d.set_io_error_hook(Some(Arc::new(move |op, err, outcome| {
                 let errno = err.errno();
                 ev.emit(
                     "BLOCK_IO_ERROR",
@@ -106,11 +108,21 @@ impl VmMonitor {
                             RequestOp::Read => "read",
                             _ => "write",
                         },
-                        "action": "report",
+                        "action": outcome.as_str(),
                         "nospace": errno == libc::ENOSPC,
                         "reason": std::io::Error::from_raw_os_error(errno).to_string(),
                     })),
                 );
+                if outcome == ErrorOutcome::Stop {
+                    // werror/rerror=stop pauses the VM, off the data plane
+                    // (pausing waits for the vCPUs to park).
+                    let (ctl, ev) = (ctl.clone(), ev.clone());
+                    std::thread::spawn(move || {
+                        if let Ok(true) = ctl.pause() {
+                            ev.emit("STOP", None);
+                        }
+                    });
+                }
             })));
         }
         VmMonitor {
@@ -143,16 +155,20 @@ impl VmMonitor {
             .zip(&self.qdevs)
             // vhost-user-blk devices have no block backend here (QEMU does
             // not list them either).
-            .filter_map(|(d, qdev)| Some((d.node.as_ref()?, qdev)))
-            .map(|(node, qdev)| {
-                json!({
+            .filter_map(|(d, qdev)| Some((d.node.as_ref()?, qdev, d)))
+            .map(|(node, qdev, d)| {
+                let mut v = json!({
                     "device": "",
                     "qdev": qdev,
                     "type": "unknown",
                     "removable": false,
                     "locked": false,
                     "inserted": qmp::block::node_info(node.as_ref()),
-                })
+                });
+                if let Some(st) = &d.io_status {
+                    v["io-status"] = json!(st.io_status());
+                }
+                v
             })
             .collect();
         Value::Array(v)
@@ -288,6 +304,13 @@ impl Monitor for VmMonitor {
             }
             "cont" => {
                 qmp::no_args(a)?;
+                // Requests kept by werror/rerror=stop go again, then the
+                // vCPUs (QEMU's `cont`).
+                for d in &self.attached.devices {
+                    if let Some(st) = &d.io_status {
+                        st.resume();
+                    }
+                }
                 if self.control.resume() {
                     self.events.emit("RESUME", None);
                 }

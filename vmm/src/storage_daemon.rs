@@ -16,7 +16,7 @@ use clap::Args;
 use devices::iothread::IoThread;
 use devices::nbd_server::{NbdAddr, NbdServer, NbdServerExport};
 use devices::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkExportConfig};
-use devices::virtio_blk::{BlkOptions, IoErrorHook};
+use devices::virtio_blk::{BlkOptions, ErrorAction, IoErrorHook, IoStatus};
 use qapi::export::{BlockExportOptions, BlockExportType, NbdServerOptions, SocketAddress};
 use qapi::qmp::{BlockExportDelArgs, BlockExportRemoveMode};
 use serde_json::{json, Map, Value};
@@ -74,6 +74,9 @@ struct State {
     nbd: Option<NbdServer>,
     /// NBD exports: (id, export name, node name).
     nbd_exports: Vec<(String, String, String)>,
+    /// The vhost-user-blk exports' I/O status by id (werror/rerror=stop,
+    /// QMP `cont`).
+    io_status: HashMap<String, Arc<IoStatus>>,
 }
 
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`.
@@ -97,6 +100,7 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
             exports: Vec::new(),
             nbd: None,
             nbd_exports: Vec::new(),
+            io_status: HashMap::new(),
         }),
         iothreads,
         tls_creds: objects.tls_creds,
@@ -285,8 +289,9 @@ impl Daemon {
             },
             None => None,
         };
-        let export = start_export(&mut st.graph, e, iothread, &self.events)
+        let (export, io_status) = start_export(&mut st.graph, e, iothread, &self.events)
             .map_err(|err| QmpError::generic(format!("{err:#}")))?;
+        st.io_status.insert(e.id.clone(), io_status);
         st.exports.push(export);
         Ok(())
     }
@@ -314,6 +319,7 @@ impl Daemon {
             )));
         }
         let mut e = st.exports.remove(i);
+        st.io_status.remove(id);
         stop_export(&mut e);
         st.graph.detach(e.node().node_name(), &user_name(e.id()));
         drop(st);
@@ -339,6 +345,7 @@ impl Monitor for Daemon {
             "nbd-server-stop",
             "block-export-del",
             "query-block-exports",
+            "cont",
             "quit",
         ];
         c.extend(qmp::block::COMMANDS);
@@ -442,6 +449,14 @@ impl Monitor for Daemon {
                 }));
                 Ok(Value::Array(v))
             }
+            "cont" => {
+                // Requests the exports kept for werror/rerror=stop go again.
+                qmp::no_args(a)?;
+                for st in self.lock().io_status.values() {
+                    st.resume();
+                }
+                Ok(json!({}))
+            }
             "quit" => {
                 qmp::no_args(a)?;
                 let _ = self
@@ -478,7 +493,7 @@ fn start_export(
     e: &BlockExportOptions,
     iothread: Option<Arc<IoThread>>,
     events: &Events,
-) -> Result<VhostUserBlkExport> {
+) -> Result<(VhostUserBlkExport, Arc<IoStatus>)> {
     let path = match &e.addr {
         Some(SocketAddress::Unix { path }) => path,
         Some(SocketAddress::Inet { .. }) => {
@@ -495,12 +510,16 @@ fn start_export(
             e.node_name
         );
     }
+    let io_status = Arc::new(IoStatus::default());
     let opts = BlkOptions {
         num_queues,
         queue_size: 256,
         logical_block_size: u32::try_from(lbs).unwrap_or(u32::MAX),
         read_only: !e.writable,
         serial: e.id.clone(),
+        werror: vmm::attach::error_action(e.werror, ErrorAction::Enospc),
+        rerror: vmm::attach::error_action(e.rerror, ErrorAction::Report),
+        io_status: Some(io_status.clone()),
         ..BlkOptions::default()
     };
     let export = VhostUserBlkExport::start(VhostUserBlkExportConfig {
@@ -514,13 +533,13 @@ fn start_export(
         io_error: Some(io_error_event(events, &e.id, &e.node_name)),
     })?;
     graph.attach(&e.node_name, &user_name(&e.id))?;
-    Ok(export)
+    Ok((export, io_status))
 }
 
 /// QMP's `BLOCK_IO_ERROR` for a failed request of export `id`.
 fn io_error_event(events: &Events, id: &str, node_name: &str) -> IoErrorHook {
     let (ev, id, node_name) = (events.clone(), id.to_string(), node_name.to_string());
-    Arc::new(move |op, err| {
+    Arc::new(move |op, err, outcome| {
         let operation = match op {
             RequestOp::Read => "read",
             _ => "write",
@@ -533,7 +552,7 @@ fn io_error_event(events: &Events, id: &str, node_name: &str) -> IoErrorHook {
                 "qdev": id,
                 "node-name": node_name,
                 "operation": operation,
-                "action": "report",
+                "action": outcome.as_str(),
                 "nospace": errno == libc::ENOSPC,
                 "reason": std::io::Error::from_raw_os_error(errno).to_string(),
             })),

@@ -37,6 +37,14 @@ pub struct BlkOptions {
     pub config_wce: bool,
     /// Serial returned by GET_ID (at most 20 bytes are used).
     pub serial: String,
+    /// What a failed write, flush, discard or write-zeroes does (QEMU's
+    /// `werror`; default `enospc`).
+    pub werror: super::ErrorAction,
+    /// What a failed read does (QEMU's `rerror`; default `report`).
+    pub rerror: super::ErrorAction,
+    /// The device's I/O status, shared by its queues (needed for `stop`
+    /// and `enospc`; without it those act as `report`).
+    pub io_status: Option<std::sync::Arc<super::IoStatus>>,
 }
 
 impl Default for BlkOptions {
@@ -51,6 +59,9 @@ impl Default for BlkOptions {
             write_zeroes: true,
             config_wce: true,
             serial: String::new(),
+            werror: super::ErrorAction::Enospc,
+            rerror: super::ErrorAction::Report,
+            io_status: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use super::error_policy::{self, ErrorOutcome};
 use block::{BlockNode, Completion, IovecPool, NodeQueue, Request, RequestError, RequestOp};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::{Queue, QueueT};
@@ -52,11 +53,15 @@ struct Slot {
     pending: u32,
     status: u8,
     used_len: u32,
+    /// A node request failed with `stop`: keep the chain, send it again
+    /// on resume.
+    retry: bool,
 }
 
 /// Called on the I/O thread for each request the node failed with a host
-/// error (not for requests the guest got wrong): QMP's `BLOCK_IO_ERROR`.
-pub type IoErrorHook = Arc<dyn Fn(RequestOp, &RequestError) + Send + Sync>;
+/// error (not for requests the guest got wrong), with what was done about
+/// it: QMP's `BLOCK_IO_ERROR`.
+pub type IoErrorHook = Arc<dyn Fn(RequestOp, &RequestError, ErrorOutcome) + Send + Sync>;
 
 /// Counters a test or QMP can read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,6 +88,8 @@ pub struct BlkQueueHandler {
     io_error: Option<IoErrorHook>,
     /// The vhost-user frontend's record of heads in flight, if it keeps one.
     inflight: Option<InflightQueue>,
+    /// Chains kept by a `stop` error, sent again on resume.
+    stopped: Vec<u32>,
 }
 
 impl BlkQueueHandler {
@@ -105,6 +112,7 @@ impl BlkQueueHandler {
             writethrough: false,
             io_error: None,
             inflight: None,
+            stopped: Vec::new(),
         }
     }
 
@@ -162,6 +170,10 @@ impl BlkQueueHandler {
         notify: &mut dyn FnMut(),
     ) -> Result<bool, BlkHandlerError> {
         check_avail(queue, mem)?;
+        if self.is_stopped() {
+            // `stop`: the chains wait in the ring until resume.
+            return self.end_round(queue, mem, false);
+        }
         // One ring's worth per call: a driver that refills as fast as the
         // chunks complete must not keep the thread from its other queues.
         let budget = usize::from(queue.size());
@@ -321,6 +333,51 @@ impl BlkQueueHandler {
         self.queue.sync_memory();
     }
 
+    /// The device's I/O status, if it has one (`stop` needs it).
+    pub fn io_status(&self) -> Option<&Arc<super::IoStatus>> {
+        self.opts.io_status.as_ref()
+    }
+
+    /// Whether the device is stopped by a `stop` error.
+    pub fn is_stopped(&self) -> bool {
+        self.opts.io_status.as_ref().is_some_and(|s| s.is_stopped())
+    }
+
+    /// Chains kept by `stop` errors, waiting for resume.
+    pub fn stopped_chains(&self) -> usize {
+        self.stopped.len()
+    }
+
+    /// After a resume: sends the kept chains again (in the order they
+    /// failed). Returns whether the guest should be notified now.
+    pub fn resume(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> Result<bool, BlkHandlerError> {
+        if self.is_stopped() {
+            return Ok(false);
+        }
+        let mut used = false;
+        for idx in std::mem::take(&mut self.stopped) {
+            let idx = idx as usize;
+            let slot = &mut self.slots[idx];
+            slot.retry = false;
+            slot.status = VIRTIO_BLK_S_OK as u8;
+            slot.pending = 0;
+            let r = self.submit(idx, mem);
+            let slot = &mut self.slots[idx];
+            if let Err(e) = r {
+                slot.status = e.status();
+            }
+            if self.slots[idx].pending == 0 {
+                self.finish(idx, queue, mem);
+                used = true;
+            }
+        }
+        self.end_round(queue, mem, used)
+    }
+
     /// Reports host I/O errors to `hook` from now on.
     pub fn set_io_error_hook(&mut self, hook: Option<IoErrorHook>) {
         self.io_error = hook;
@@ -347,13 +404,39 @@ impl BlkQueueHandler {
             return false;
         };
         if let Err(e) = &c.result {
-            slot.status = VirtioBlkError::Io.status();
+            let op = c.request.op();
+            // Only host errors follow the policy; what the guest got
+            // wrong (out of range, read-only) is reported. Without a
+            // status to stop, `stop` reports.
+            let outcome = match (e, &self.opts.io_status) {
+                (RequestError::Os(_), st) => {
+                    match error_policy::decide(self.opts.werror, self.opts.rerror, op, e) {
+                        ErrorOutcome::Stop if st.is_none() => ErrorOutcome::Report,
+                        o => o,
+                    }
+                }
+                _ => ErrorOutcome::Report,
+            };
+            match outcome {
+                ErrorOutcome::Report => slot.status = VirtioBlkError::Io.status(),
+                ErrorOutcome::Ignore => {}
+                ErrorOutcome::Stop => {
+                    slot.retry = true;
+                    if let Some(st) = &self.opts.io_status {
+                        st.stop(e);
+                    }
+                }
+            }
             if let (Some(hook), RequestError::Os(_)) = (&self.io_error, e) {
-                hook(c.request.op(), e);
+                hook(op, e, outcome);
             }
         }
         slot.pending = slot.pending.saturating_sub(1);
         if slot.pending == 0 {
+            if slot.retry {
+                self.stopped.push(idx as u32);
+                return false;
+            }
             self.finish(idx, queue, mem);
             return true;
         }

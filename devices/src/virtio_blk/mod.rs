@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod device;
+pub mod error_policy;
 pub mod handler;
 pub mod inflight;
 pub mod request;
@@ -16,6 +17,7 @@ pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 
 pub use config::BlkOptions;
 pub use device::{VirtioBlk, VirtioBlkConfig, VirtioBlkDeviceError};
+pub use error_policy::{ErrorAction, ErrorOutcome, IoStatus};
 pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler, IoErrorHook};
 pub use request::{BlkRequest, BlkRequestType, VirtioBlkError};
 pub use worker::{QueueWorker, QueueWorkerConfig, WorkerCounters};

@@ -26,12 +26,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ring::AvailIdx;
-use super::{BlkHandlerError, BlkQueueHandler, GuestMem};
+use super::{BlkHandlerError, BlkQueueHandler, GuestMem, IoStatus};
 use crate::iothread::{note_event, IoSubscriber};
 use crate::virtio::{VirtioInterrupt, VirtioIrq};
 
 const KICK: u32 = 0;
 const COMPLETION: u32 = 1;
+const RESUME: u32 = 2;
 
 /// What a worker did, for tests, the export's statistics and the
 /// evidence of where a queue waits. Written by the worker's own thread
@@ -101,6 +102,8 @@ pub struct QueueWorker {
     avail_idx: AvailIdx,
     /// Heads to start first (see `QueueWorkerConfig::resubmit`).
     resubmit: Vec<u16>,
+    /// Written when a stopped device resumes (QMP `cont`).
+    resume: Option<ResumeWaker>,
 }
 
 impl QueueWorker {
@@ -124,7 +127,18 @@ impl QueueWorker {
             polling: false,
             counters: cfg.counters,
             resubmit: cfg.resubmit,
+            resume: None,
         }
+    }
+
+    /// Sends the chains a `stop` error kept, then serves the ring again.
+    fn run_resume(&mut self) {
+        if self.broken {
+            return;
+        }
+        let r = self.handler.resume(&mut self.queue, &self.mem);
+        self.notify(r);
+        self.run_queue();
     }
 
     /// The virtqueue (its `next_avail` is what vhost-user's
@@ -267,6 +281,11 @@ impl QueueWorker {
     }
 
     fn avail_pending(&self) -> bool {
+        if self.handler.is_stopped() {
+            // Stopped by an I/O error: the ring waits for resume, and a
+            // poller must not take it for work.
+            return false;
+        }
         let idx = match self.avail_idx.load() {
             Some(i) => i,
             None => match self.queue.avail_idx(self.mem.as_ref(), Ordering::Acquire) {
@@ -303,6 +322,12 @@ impl MutEventSubscriber for QueueWorker {
                 WorkerCounters::bump(&self.counters.completion_wakeups);
                 self.run_completions();
             }
+            RESUME => {
+                if let Some(r) = &self.resume {
+                    let _ = r.eventfd.read();
+                }
+                self.run_resume();
+            }
             _ => {}
         }
     }
@@ -315,6 +340,24 @@ impl MutEventSubscriber for QueueWorker {
             self.broken = true;
             self.interrupt.set_needs_reset();
         }
+        if let Some(st) = self.handler.io_status().cloned() {
+            match EventFd::new(libc::EFD_NONBLOCK) {
+                Ok(e) => {
+                    let e = Arc::new(e);
+                    if ops
+                        .add(Events::with_data(e.as_ref(), RESUME, EventSet::IN))
+                        .is_ok()
+                    {
+                        st.add_waker(e.clone());
+                        self.resume = Some(ResumeWaker {
+                            status: st,
+                            eventfd: e,
+                        });
+                    }
+                }
+                Err(e) => eprintln!("{}: no resume eventfd: {e}", self.id),
+            }
+        }
         if !self.resubmit.is_empty() && !self.broken {
             let heads = std::mem::take(&mut self.resubmit);
             let r = self.handler.resubmit(&heads, &mut self.queue, &self.mem);
@@ -325,6 +368,19 @@ impl MutEventSubscriber for QueueWorker {
         if self.avail_pending() {
             self.run_queue();
         }
+    }
+}
+
+/// A worker's resume eventfd, known to the device's I/O status while the
+/// worker lives.
+struct ResumeWaker {
+    status: Arc<IoStatus>,
+    eventfd: Arc<EventFd>,
+}
+
+impl Drop for ResumeWaker {
+    fn drop(&mut self) {
+        self.status.remove_waker(&self.eventfd);
     }
 }
 
@@ -369,7 +425,7 @@ impl IoSubscriber for QueueWorker {
         if self.broken {
             return false;
         }
-        if self.set_kicks(true) {
+        if self.set_kicks(true) && !self.handler.is_stopped() {
             note_event(self.kick_source());
             WorkerCounters::bump(&self.counters.late_entries);
             self.run_queue();
