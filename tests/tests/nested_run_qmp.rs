@@ -7,8 +7,12 @@
 //!    node: the config-change interrupt makes L2's kernel see the new
 //!    capacity in /sys/block/vda/size.
 //! 2. A write L2 makes to a disk whose image sits on a full tmpfs in L1
-//!    fails with ENOSPC on the host: `BLOCK_IO_ERROR` (nospace) names the
-//!    device and the node.
+//!    fails with ENOSPC on the host. The device's `werror` is QEMU's
+//!    default (`enospc`): the request is kept and the VM stops:
+//!    `BLOCK_IO_ERROR` (action stop, nospace) names the device and the
+//!    node, then `STOP`; `query-block` shows `io-status: nospace`. L1
+//!    makes room (the tmpfs grows), `cont`: `RESUME`, the kept write goes
+//!    through, and L2 reads back what it wrote.
 //! 3. `system_powerdown`: the GED interrupt, the power button's
 //!    notification, KEY_POWER, busybox `acpid` in L2 runs `poweroff`:
 //!    POWERDOWN, then SHUTDOWN (guest, guest-shutdown), and blkvm exits 0.
@@ -38,11 +42,15 @@ while [ "$(cat /sys/block/$resized/size)" = 131072 ] && [ $i -lt 600 ]; do
     i=$((i + 1))
 done
 result disk.size.after "$(cat /sys/block/$resized/size)"
-if dd if=/dev/urandom of=/dev/$full bs=1M count=4 oflag=direct 2>/dev/null; then
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null
+if dd if=/tmp/pattern of=/dev/$full bs=1M count=4 oflag=direct 2>/dev/null; then
     result full.write ok
 else
     result full.write failed
 fi
+want=$(md5sum < /tmp/pattern)
+got=$(dd if=/dev/$full bs=1M count=4 iflag=direct 2>/dev/null | md5sum)
+if [ "$want" = "$got" ]; then result full.data same; else result full.data differs; fi
 await_power_button
 "#;
 
@@ -65,15 +73,19 @@ sock=/tmp/qmp.sock
     --device virtio-blk-pci,id=full,drive=full0 \
     --qmp "unix:$sock,server=on,wait=off" || true; } | tee /tmp/l2.out &
 wait_line "L2| BLKVM-RESULT l2.ready" /tmp/l2.out
-QMP_SEND_TIMEOUT=120 qmp-send "$sock" wait:BLOCK_IO_ERROR >/tmp/ioerr.out 2>&1 &
+QMP_SEND_TIMEOUT=300 qmp-send "$sock" wait:BLOCK_IO_ERROR wait:STOP >/tmp/ioerr.out 2>&1 &
 wait_line '"return"' /tmp/ioerr.out
 qmp-send "$sock" \
     '{"execute":"query-block"}' \
     '{"execute":"block_resize","arguments":{"node-name":"f0","size":134217728}}' \
     '{"execute":"query-block"}' | sed 's/^/QMP| /'
-wait_line "L2| BLKVM-RESULT l2.waiting" /tmp/l2.out
-wait_line BLOCK_IO_ERROR /tmp/ioerr.out
+wait_line '"STOP"' /tmp/ioerr.out
 result ioerr.event "$(grep BLOCK_IO_ERROR /tmp/ioerr.out)"
+result stop.event "$(grep -c '"STOP"' /tmp/ioerr.out)"
+qmp-send "$sock" '{"execute":"query-block"}' | sed 's/^/STOPPED| /'
+mount -o remount,size=64m /tmp/full
+qmp-send "$sock" '{"execute":"cont"}' wait:RESUME | sed 's/^/QMP| /'
+wait_line "L2| BLKVM-RESULT l2.waiting" /tmp/l2.out
 qmp-send "$sock" '{"execute":"system_powerdown"}' wait:POWERDOWN wait:SHUTDOWN | sed 's/^/QMP| /'
 wait
 result image.size "$(stat -c %s "$img")"
@@ -120,10 +132,29 @@ fn check(out: &NestedOutput) -> Result<()> {
             .any(|l| l.contains("\"virtual-size\":134217728") && l.contains("\"qdev\":\"disk0\"")),
         out.error("query-block did not show the new size")
     );
-    // The write to the full disk.
+    // The write to the full disk: kept, the VM stopped, then resumed
+    // once there was room, and the data is there.
     ensure!(
-        out.l2_result("full.write")? == "failed",
-        out.error("the write to the full image did not fail in L2")
+        out.l2_result("full.write")? == "ok",
+        out.error("the write to the full image did not complete after cont")
+    );
+    ensure!(
+        out.l2_result("full.data")? == "same",
+        out.error("L2 did not read back what it wrote")
+    );
+    ensure!(
+        out.result("stop.event")? == "1",
+        out.error("no STOP after BLOCK_IO_ERROR")
+    );
+    ensure!(
+        out.l1_lines()
+            .filter_map(|l| l.strip_prefix("STOPPED| "))
+            .any(|l| l.contains("\"qdev\":\"full\"") && l.contains("\"io-status\":\"nospace\"")),
+        out.error("query-block did not show io-status nospace while stopped")
+    );
+    ensure!(
+        qmp.iter().any(|l| l.contains("\"event\":\"RESUME\"")),
+        out.error("no RESUME after cont")
     );
     let ioerr = out.result("ioerr.event")?;
     for want in [
@@ -131,6 +162,7 @@ fn check(out: &NestedOutput) -> Result<()> {
         "\"node-name\":\"full0\"",
         "\"nospace\":true",
         "\"operation\":\"write\"",
+        "\"action\":\"stop\"",
     ] {
         ensure!(
             ioerr.contains(want),

@@ -725,9 +725,15 @@ impl NbdQueue {
                 }
             }
             if self.in_end == self.inbuf.len() {
-                // Only a Small chunk waits with a full buffer, and it was
-                // moved to the front: cannot happen, but never spin.
-                return Err("receive buffer full".into());
+                if self.in_start == 0 {
+                    // Nothing waits for more than SMALL_MAX bytes: never.
+                    return Err("receive buffer full".into());
+                }
+                // A header or chunk cut at the end of the buffer: move
+                // what is left of it to the front.
+                self.inbuf.copy_within(self.in_start..self.in_end, 0);
+                self.in_end -= self.in_start;
+                self.in_start = 0;
             }
             let Link::Up(sock) = &mut self.link else {
                 return Ok(());
