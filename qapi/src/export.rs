@@ -69,7 +69,7 @@ pub struct BlockExportOptions {
     /// Where the vhost-user server listens (vhost-user-blk only).
     pub addr: Option<SocketAddress>,
     /// What a failed write does (vhost-user-blk; a blkvm extension with
-    /// the devices' values, default `enospc`).
+    /// the devices' values, default `report` as qemu-storage-daemon).
     pub werror: Option<crate::BlockdevOnError>,
     /// What a failed read does (vhost-user-blk; default `report`).
     pub rerror: Option<crate::BlockdevOnError>,

@@ -517,7 +517,9 @@ fn start_export(
         logical_block_size: u32::try_from(lbs).unwrap_or(u32::MAX),
         read_only: !e.writable,
         serial: e.id.clone(),
-        werror: vmm::attach::error_action(e.werror, ErrorAction::Enospc),
+        // qemu-storage-daemon's exports report every error to the client;
+        // `werror`/`rerror` are a blkvm extension with that default.
+        werror: vmm::attach::error_action(e.werror, ErrorAction::Report),
         rerror: vmm::attach::error_action(e.rerror, ErrorAction::Report),
         io_status: Some(io_status.clone()),
         ..BlkOptions::default()
