@@ -320,6 +320,13 @@ impl StorageDaemon {
         Ok((status, fs::read_to_string(&kept).unwrap_or_default()))
     }
 
+    /// Kills the daemon at once (SIGKILL: nothing is flushed or closed
+    /// cleanly) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the daemon as a user would (SIGTERM) and returns its exit
     /// status; SIGKILL if it is still running after 20 s.
     pub fn stop(mut self) -> Result<ExitStatus> {

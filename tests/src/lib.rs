@@ -33,6 +33,7 @@ mod daemon;
 mod guest;
 mod nested;
 mod output;
+pub mod qmp_client;
 pub mod tls;
 mod vm;
 

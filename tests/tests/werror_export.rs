@@ -5,15 +5,14 @@
 //! (`enospc` for writes, no status to stop) and `werror=report` the
 //! client gets the error.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use serde_json::{json, Value};
+use tests::qmp_client::Qmp;
 use tests::{Backend, StorageDaemon};
 
 /// A tmpfs of `mib` MiB, unmounted on drop (needs root, as CI has).
@@ -45,71 +44,6 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// A bare QMP client: commands in, replies and events out.
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Self> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => return Err(e).context("QMP socket"),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-            events: Vec::new(),
-        };
-        q.line()?; // greeting
-        q.execute("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn line(&mut self) -> Result<Value> {
-        let mut l = String::new();
-        ensure!(self.r.read_line(&mut l)? > 0, "QMP closed");
-        Ok(serde_json::from_str(&l)?)
-    }
-
-    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        writeln!(self.w, "{}", json!({"execute": cmd, "arguments": args}))?;
-        loop {
-            let v = self.line()?;
-            if v.get("event").is_some() {
-                self.events.push(v);
-                continue;
-            }
-            if let Some(e) = v.get("error") {
-                bail!("{cmd}: {e}");
-            }
-            return Ok(v["return"].clone());
-        }
-    }
-
-    /// Waits for an event named `name`.
-    fn event(&mut self, name: &str) -> Result<Value> {
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return Ok(self.events.remove(i));
-            }
-            let v = self.line().with_context(|| format!("waiting for {name}"))?;
-            if v.get("event").is_some() {
-                self.events.push(v);
-            }
-        }
     }
 }
 
