@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 what=${1:-all}
 run() {
     echo "== $1"
-    cargo nextest run --release -p tests --test "$2" --no-capture "$3"
+    cargo nextest run -p tests --test "$2" --no-capture "$3"
 }
 case $what in
 export-churn|all) BLKVM_SOAK_SESSIONS=${BLKVM_SOAK_SESSIONS:-1000} \
