@@ -30,6 +30,7 @@
 
 mod cpio;
 mod daemon;
+pub mod files;
 mod guest;
 mod nested;
 mod output;

@@ -9,37 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use tests::files::run;
 use tests::{Backend, StorageDaemon};
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// A 32 MiB image: 8 MiB of random bytes, then a hole.
 fn image(dir: &Path, name: &str, seed: u64) -> Result<PathBuf> {
-    let p = dir.join(name);
-    let mut data = vec![0u8; 8 << 20];
-    let mut x = seed | 1;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(&p, &data)?;
-    std::fs::File::options()
-        .write(true)
-        .open(&p)?
-        .set_len(32 << 20)?;
-    Ok(p)
+    tests::files::data_image(dir, name, 8, 32, seed)
 }
 
 /// qemu-nbd serving `img` as export `back` on `sock`, killed on drop.

@@ -13,38 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
+use tests::files::run;
 use tests::{Backend, StorageDaemon};
-
-/// Runs `cmd`, failing with its output unless it succeeds; returns stdout.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// A 64 MiB image whose first 16 MiB are random.
 fn image(dir: &Path, name: &str) -> Result<PathBuf> {
-    let p = dir.join(name);
-    let mut data = vec![0u8; 16 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(&p, &data)?;
-    std::fs::File::options()
-        .write(true)
-        .open(&p)?
-        .set_len(64 << 20)?;
-    Ok(p)
+    tests::files::data_image(dir, name, 16, 64, 0x9e37_79b9_7f4a_7c15)
 }
 
 fn daemon(img: &Path, sock: &Path, writable: bool) -> Result<StorageDaemon> {
