@@ -32,6 +32,7 @@ use block::nbd::server::{
     handshake, Handshake, Interest, NbdConnection, NbdExportInfo, NbdSession,
 };
 use block::nbd::tls::{ServerConfig, ServerConnection, TlsStream};
+use block::RamRegistrar;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -58,6 +59,9 @@ pub struct NbdServerExport {
     pub info: NbdExportInfo,
     /// The IOThread its connections run on (`None`: the server's own).
     pub iothread: Option<Arc<IoThread>>,
+    /// The graph's RAM registrar: each connection registers its data
+    /// buffers there, so nodes that register memory take them as they are.
+    pub registrar: Option<RamRegistrar>,
 }
 
 enum Listener {
@@ -407,10 +411,15 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
         neg,
         tls,
     } = *session;
-    let thread = lock(&shared.exports)
-        .get(&name)
-        .and_then(|e| e.iothread.clone())
-        .unwrap_or_else(|| shared.own_thread.clone());
+    let (thread, registrar) = {
+        let exports = lock(&shared.exports);
+        let e = exports.get(&name);
+        (
+            e.and_then(|e| e.iothread.clone())
+                .unwrap_or_else(|| shared.own_thread.clone()),
+            e.and_then(|e| e.registrar.clone()),
+        )
+    };
     if stream.set_timeout(None).is_err() || stream.set_nonblocking().is_err() {
         return false;
     }
@@ -434,7 +443,15 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
         }
     };
     let worker = NbdWorker {
-        conn: Some(NbdConnection::new(info, neg, queue)),
+        conn: Some({
+            let mut c = NbdConnection::new(info, neg, queue);
+            if let Some(r) = &registrar {
+                if let Err(e) = c.use_registered_buffers(r) {
+                    eprintln!("nbd-server: export '{name}': no registered buffers: {e}");
+                }
+            }
+            c
+        }),
         io,
         wake,
         watching: Interest {

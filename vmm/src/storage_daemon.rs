@@ -255,6 +255,7 @@ impl Daemon {
                     multi_conn: true,
                 },
                 iothread,
+                registrar: Some(st.graph.registrar().clone()),
             })
             .map_err(QmpError::generic)?;
         st.graph

@@ -23,7 +23,8 @@ use std::io::{self, Read, Write};
 
 pub use super::handshake::{handshake, Handshake, NbdExportInfo, NbdSession, Negotiated};
 use super::proto::*;
-use crate::{Completion, IovecPool, NodeQueue, Request, RequestFlags};
+use crate::bounce::{BounceBuf, BouncePool};
+use crate::{Completion, IovecPool, NodeQueue, RamRegistrar, RegionId, Request, RequestFlags};
 
 /// A page-aligned data buffer: O_DIRECT nodes take it as it is (a plain
 /// heap `Vec` would send them to their bounce or thread path).
@@ -31,6 +32,9 @@ use crate::{Completion, IovecPool, NodeQueue, Request, RequestFlags};
 pub struct AlignedBuf {
     pages: Vec<Page>,
     len: usize,
+    /// A buffer of the connection's registered pool, used instead of
+    /// `pages` when set.
+    pooled: Option<BounceBuf>,
 }
 
 #[derive(Clone, Copy)]
@@ -48,22 +52,35 @@ impl AlignedBuf {
     }
 
     fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.pages.as_mut_ptr().cast()
+        match &self.pooled {
+            Some(b) => b.addr,
+            None => self.pages.as_mut_ptr().cast(),
+        }
     }
 
     fn as_slice(&self) -> &[u8] {
+        let p: *const u8 = match &self.pooled {
+            Some(b) => b.addr,
+            None => self.pages.as_ptr().cast(),
+        };
         // SAFETY: `pages` holds at least `len` initialised bytes
-        // (`set_len`), contiguous as a Vec's elements are.
-        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast(), self.len) }
+        // (`set_len`), contiguous as a Vec's elements are; a pooled
+        // buffer is `b.len >= len` bytes of the pool's mapping, which the
+        // connection owns, and memfd pages read as zeroes until written.
+        unsafe { std::slice::from_raw_parts(p, self.len) }
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
+        let p = self.as_mut_ptr();
         // SAFETY: as in `as_slice`, exclusively borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(p, self.len) }
     }
 
     fn capacity(&self) -> usize {
-        self.pages.len() * 4096
+        match &self.pooled {
+            Some(b) => b.len,
+            None => self.pages.len() * 4096,
+        }
     }
 }
 
@@ -73,6 +90,26 @@ fn is_zero(b: &[u8]) -> bool {
     let mut blocks = b.chunks_exact(64);
     blocks.all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
         && blocks.remainder().iter().all(|&x| x == 0)
+}
+
+/// Buffers of a connection's registered pool, and their size: requests
+/// up to this size use registered memory (io_uring fixed buffers, libblkio
+/// regions); larger ones take heap buffers.
+const POOL_BUFS: usize = 16;
+const POOL_BUF_SIZE: usize = 128 << 10;
+
+/// A connection's buffer pool, registered with the graph's RAM registrar
+/// for as long as the connection lives.
+struct Registered {
+    pool: BouncePool,
+    registrar: RamRegistrar,
+    id: RegionId,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registrar.remove(self.id);
+    }
 }
 
 /// Requests started between two flushes of the replies ready.
@@ -132,6 +169,10 @@ pub struct NbdConnection {
     closed: bool,
     /// Requests taken off the wire so far (a poller's sign of progress).
     requests: u64,
+    /// Registered buffers, when the server has a registrar. Declared
+    /// after `queue`: dropped after it (and after `Drop` waited for what
+    /// was in flight).
+    registered: Option<Registered>,
 }
 
 impl NbdConnection {
@@ -154,12 +195,50 @@ impl NbdConnection {
             disconnecting: false,
             closed: false,
             requests: 0,
+            registered: None,
         }
     }
 
     /// The node queue's completion fd.
     pub fn completion_fd(&self) -> std::os::fd::RawFd {
         self.queue.completion_fd()
+    }
+
+    /// Serves READ and WRITE data of up to 128 KiB from a pool registered
+    /// with `registrar` (the graph's), so nodes that register memory (io_uring
+    /// fixed buffers, libblkio regions) take it without a bounce; the pool
+    /// is unregistered when the connection ends.
+    pub fn use_registered_buffers(
+        &mut self,
+        registrar: &RamRegistrar,
+    ) -> Result<(), crate::BlockError> {
+        let pool = BouncePool::new(POOL_BUFS, POOL_BUF_SIZE, 4096)?;
+        let id = registrar.add(pool.region());
+        self.registered = Some(Registered {
+            pool,
+            registrar: registrar.clone(),
+            id,
+        });
+        Ok(())
+    }
+
+    /// A data buffer of `len` bytes: from the registered pool when it fits
+    /// and one is free, else a heap buffer.
+    fn take_buf(&mut self, len: usize) -> AlignedBuf {
+        if let Some(r) = &mut self.registered {
+            if len <= r.pool.buf_size() {
+                if let Some(b) = r.pool.try_take() {
+                    return AlignedBuf {
+                        pages: Vec::new(),
+                        len,
+                        pooled: Some(b),
+                    };
+                }
+            }
+        }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.set_len(len);
+        buf
     }
 
     /// Requests taken off the wire since the connection began.
@@ -273,11 +352,10 @@ impl NbdConnection {
             }
             // Only WRITE has a payload; the rest leave the spares alone.
             let mut buf = if payload > 0 {
-                self.spare.pop().unwrap_or_default()
+                self.take_buf(payload as usize)
             } else {
                 AlignedBuf::default()
             };
-            buf.set_len(payload as usize);
             buf.as_mut_slice()
                 .copy_from_slice(&self.input[at - payload as usize..at]);
             self.start(h, buf);
@@ -389,51 +467,83 @@ impl NbdConnection {
     }
 
     fn start(&mut self, h: RequestHeader, payload: AlignedBuf) {
+        // A WRITE payload the request does not take goes back to its pool.
+        if let Some(unused) = self.start_checked(h, payload) {
+            self.recycle(unused);
+        }
+    }
+
+    /// Checks and starts one request; returns the payload if unused.
+    fn start_checked(&mut self, h: RequestHeader, payload: AlignedBuf) -> Option<AlignedBuf> {
+        let mut payload = Some(payload);
         let cap = self.info.node.capacity();
         let writable = self.info.writable && !self.info.node.read_only();
         let end = h.offset.checked_add(h.length);
         let modifies = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
         let (cookie, offset) = (h.cookie, h.offset);
         let Some(valid) = self.valid_flags(h.kind) else {
-            return self.reply_error(cookie, offset, err::EINVAL);
+            {
+                self.reply_error(cookie, offset, err::EINVAL);
+                return payload;
+            }
         };
         match h.kind {
             cmd::DISC => {
                 self.disconnecting = true;
-                return;
+                return payload;
             }
             cmd::FLUSH => {}
             _ => {
                 if modifies && !writable {
-                    return self.reply_error(cookie, offset, err::EPERM);
+                    {
+                        self.reply_error(cookie, offset, err::EPERM);
+                        return payload;
+                    }
                 }
                 if end.is_none_or(|e| e > cap) {
                     let e = if modifies { err::ENOSPC } else { err::EINVAL };
-                    return self.reply_error(cookie, offset, e);
+                    {
+                        self.reply_error(cookie, offset, e);
+                        return payload;
+                    }
                 }
             }
         }
         if h.flags & !valid != 0 {
-            return self.reply_error(cookie, offset, err::EINVAL);
+            {
+                self.reply_error(cookie, offset, err::EINVAL);
+                return payload;
+            }
         }
         if h.kind == cmd::READ && h.length > u64::from(MAX_PAYLOAD) {
-            return self.reply_error(cookie, offset, err::EOVERFLOW);
+            {
+                self.reply_error(cookie, offset, err::EOVERFLOW);
+                return payload;
+            }
         }
         if h.kind == cmd::BLOCK_STATUS {
             if !self.neg.base_allocation || h.length == 0 {
-                return self.reply_error(cookie, offset, err::EINVAL);
+                {
+                    self.reply_error(cookie, offset, err::EINVAL);
+                    return payload;
+                }
             }
-            return self.block_status(h);
+            {
+                self.block_status(h);
+                return payload;
+            }
         }
         if h.kind == cmd::CACHE || (h.length == 0 && h.kind != cmd::FLUSH) {
             // Nothing to do (CACHE is advisory).
-            return self.reply_ok(cookie, offset, h.kind == cmd::READ);
+            {
+                self.reply_ok(cookie, offset, h.kind == cmd::READ);
+                return payload;
+            }
         }
         let fua = h.flags & cflag::FUA != 0;
         let (req, pending) = match h.kind {
             cmd::READ => {
-                let mut buf = self.spare.pop().unwrap_or_default();
-                buf.set_len(h.length as usize);
+                let mut buf = self.take_buf(h.length as usize);
                 let mut iov = self.iovecs.take();
                 iov.push(libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
@@ -455,7 +565,7 @@ impl NbdConnection {
                 )
             }
             cmd::WRITE => {
-                let mut buf = payload;
+                let mut buf = payload.take().unwrap_or_default();
                 let mut iov = self.iovecs.take();
                 iov.push(libc::iovec {
                     iov_base: buf.as_mut_ptr().cast(),
@@ -519,12 +629,17 @@ impl NbdConnection {
         let idx = self.slot(pending);
         if let Err(mut e) = self.queue.submit(req.with_user_data(idx as u64)) {
             self.iovecs.give(e.request.take_iovecs());
-            self.slots[idx] = None;
+            if let Some(p) = self.slots[idx].take() {
+                for buf in [p.read, p.write].into_iter().flatten() {
+                    self.recycle(buf);
+                }
+            }
             self.free.push(idx);
             self.reply_error(h.cookie, h.offset, err::from_errno(e.error.errno()));
         } else {
             self.read_bytes += reading;
         }
+        payload
     }
 
     /// Starts requests left in the input buffer when a limit stopped
@@ -598,7 +713,13 @@ impl NbdConnection {
     }
 
     /// Keeps a READ buffer for the next READ (a few, of modest size).
-    fn recycle(&mut self, buf: AlignedBuf) {
+    fn recycle(&mut self, mut buf: AlignedBuf) {
+        if let Some(b) = buf.pooled.take() {
+            if let Some(r) = &mut self.registered {
+                r.pool.give_back(b);
+            }
+            return;
+        }
         if self.spare.len() < 64 && buf.capacity() <= 1 << 20 {
             self.spare.push(buf);
         }

@@ -314,3 +314,66 @@ fn is_zero_sees_one_byte_anywhere() {
         b[i] = 0;
     }
 }
+
+#[test]
+fn data_buffers_come_from_a_registered_pool_while_the_connection_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let mut graph = BlockGraph::new();
+    let opts = qapi::parse_blockdev(&format!(
+        "driver=file,node-name=f0,aio=io_uring,filename={}",
+        img.display()
+    ))
+    .unwrap();
+    let node = graph.add(&opts).unwrap();
+    let info = NbdExportInfo {
+        node: node.clone(),
+        writable: true,
+        description: None,
+        multi_conn: true,
+    };
+    let neg = Negotiated {
+        structured: true,
+        extended: true,
+        base_allocation: true,
+    };
+    let mut conn = NbdConnection::new(info, neg, node.open_queue().unwrap());
+    conn.use_registered_buffers(graph.registrar()).unwrap();
+    assert_eq!(graph.registrar().regions().len(), 1);
+    let mut r = Vec::new();
+    request(&mut r, cmd::WRITE, 0, 1, 4096, 4096);
+    r.extend_from_slice(&[9; 4096]);
+    // In flight together with the WRITE: unordered, so elsewhere.
+    request(&mut r, cmd::READ, cflag::DF, 2, 8192, 4096);
+    // Larger than a pool buffer: a heap buffer, still served.
+    request(&mut r, cmd::READ, cflag::DF, 3, 0, 512 << 10);
+    let mut s = Mem {
+        input: Cursor::new(r),
+        ..Mem::default()
+    };
+    conn.on_readable(&mut s);
+    while conn.in_flight() > 0 {
+        crate::sys::wait_readable(conn.completion_fd());
+        conn.on_completions();
+    }
+    conn.on_completions();
+    conn.on_writable(&mut s);
+    let mut got = chunks(&s.out);
+    got.sort_by_key(|c| c.2);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got[1].4[8..].iter().all(|&b| b == 7), "READ data");
+    assert_eq!(got[2].4.len(), 8 + (512 << 10));
+    let st = node.stats().snapshot();
+    assert!(
+        st.registered_ops >= 2,
+        "the pool's buffers were not used as registered memory: {st:?}"
+    );
+    drop(conn);
+    assert!(
+        graph.registrar().regions().is_empty(),
+        "the pool stayed registered after the connection"
+    );
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[4096..8192].iter().all(|&b| b == 9), "the WRITE");
+}
