@@ -2,7 +2,6 @@
 //! file parses arguments and prints errors with their whole cause chain.
 
 mod bench;
-mod qmp;
 mod run;
 mod run_qmp;
 mod signals;
@@ -12,6 +11,8 @@ mod storage_daemon;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+// The QMP server lives in the library; `crate::qmp` keeps naming it here.
+use vmm::qmp;
 
 /// blkvm: a KVM microVM monitor built around a QEMU-style block layer.
 #[derive(Parser)]

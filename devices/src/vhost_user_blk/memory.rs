@@ -140,6 +140,17 @@ impl FrontendMemory {
     }
 
     fn map(&self, r: &VhostUserMemoryRegion, file: File) -> VuResult<Region> {
+        // A mapping past the end of its file faults (SIGBUS) on the first
+        // access, and the first is the vring check of SET_VRING_ENABLE:
+        // the frontend's file must hold the whole region. (Frontends send
+        // memfds, shm or hugetlbfs files: regular files.)
+        let meta = file.metadata().map_err(VuError::ReqHandlerError)?;
+        let end = r.mmap_offset.checked_add(r.memory_size);
+        if !meta.is_file() || end.is_none_or(|end| end > meta.len()) {
+            return Err(invalid(
+                "a memory region reaches beyond the end of its file",
+            ));
+        }
         let fd = Arc::new(OwnedFd::from(
             file.try_clone().map_err(VuError::ReqHandlerError)?,
         ));

@@ -214,6 +214,15 @@ impl VhostUserBlkExport {
             .sum()
     }
 
+    /// Serves a frontend that is already connected (a socket accepted by
+    /// someone else, or one end of a socketpair) on the calling thread,
+    /// until it disconnects, breaks the protocol or the export stops.
+    /// Frontends are served one at a time, so this fails with
+    /// `ResourceBusy` while another one is connected.
+    pub fn serve_connection(&self, stream: UnixStream) -> io::Result<()> {
+        serve_frontend(&self.shared, stream)
+    }
+
     /// Stops the export: completes every in-flight request into its ring,
     /// disconnects the frontend, flushes the node through the export's
     /// own queue and removes the socket. Idempotent.
@@ -274,47 +283,56 @@ fn serve(shared: &Arc<ExportShared>, listener: &UnixListener) {
                 continue;
             }
         };
-        let conn = match stream.try_clone() {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("export '{}': {e}", shared.id);
-                continue;
-            }
-        };
-        let session = Arc::new(Mutex::new(Session::new(shared.clone())));
-        *lock(&shared.current) = Some((session.clone(), conn));
-        // The frontend may have connected while stop() looked: recheck.
-        if !shared.stopping.load(Ordering::SeqCst) {
-            run_session(
-                shared,
-                BackendReqHandler::from_stream(stream, session.clone()),
-            );
+        if let Err(e) = serve_frontend(shared, stream) {
+            eprintln!("export '{}': {e}", shared.id);
         }
-        let stopping = shared.stopping.load(Ordering::SeqCst);
-        // A frontend that went away leaves its requests' results behind;
-        // on stop they were completed into the rings already.
-        lock(&session).close(if stopping { Stop::Drain } else { Stop::Abandon });
-        *lock(&shared.current) = None;
-        if stopping {
+        if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
     }
 }
 
+/// Serves the frontend connected on `stream` until it goes away, breaks
+/// the protocol or the export stops.
+fn serve_frontend(shared: &Arc<ExportShared>, stream: UnixStream) -> io::Result<()> {
+    let conn = stream.try_clone()?;
+    let session = Arc::new(Mutex::new(Session::new(shared.clone())));
+    {
+        let mut current = lock(&shared.current);
+        if current.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "another frontend is connected",
+            ));
+        }
+        *current = Some((session.clone(), conn));
+    }
+    // The frontend may have connected while stop() looked: recheck.
+    if !shared.stopping.load(Ordering::SeqCst) {
+        run_session(
+            shared,
+            BackendReqHandler::from_stream(stream, session.clone()),
+        );
+    }
+    let stopping = shared.stopping.load(Ordering::SeqCst);
+    // A frontend that went away leaves its requests' results behind;
+    // on stop they were completed into the rings already.
+    lock(&session).close(if stopping { Stop::Drain } else { Stop::Abandon });
+    *lock(&shared.current) = None;
+    Ok(())
+}
+
 /// Runs one frontend's requests until it disconnects. A request the
-/// export refuses is answered (with REPLY_ACK) and logged; the session
-/// goes on. A broken message or socket ends it.
+/// session refuses is answered (with REPLY_ACK) and logged, and the
+/// session goes on. A request the `vhost` crate rejects before it reaches
+/// the session (a feature that was not negotiated, a bad parameter, a
+/// broken message) has had no answer, and a frontend that asked for one
+/// would wait forever: those, and a broken socket, end the connection.
 fn run_session(shared: &ExportShared, mut handler: BackendReqHandler<Mutex<Session>>) {
     loop {
         match handler.handle_request() {
             Ok(()) => {}
-            Err(
-                e @ (VuError::InvalidParam
-                | VuError::InvalidOperation(_)
-                | VuError::InactiveFeature(_)
-                | VuError::InactiveOperation(_)
-                | VuError::ReqHandlerError(_)),
-            ) => {
+            Err(e) if session::refused(&e) => {
                 eprintln!("export '{}': frontend request refused: {e}", shared.id);
             }
             Err(VuError::Disconnected | VuError::PartialMessage) => return,
@@ -330,5 +348,7 @@ fn run_session(shared: &ExportShared, mut handler: BackendReqHandler<Mutex<Sessi
 
 #[cfg(test)]
 mod device_tests;
+#[cfg(test)]
+mod message_tests;
 #[cfg(test)]
 mod tests;

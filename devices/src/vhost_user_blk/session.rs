@@ -91,11 +91,28 @@ pub(super) struct Session {
     inflight: Option<(Arc<InflightMap>, u16)>,
 }
 
+/// A request the session refuses. Every refusal of the session is one of
+/// these, so that [`refused`] can tell it from the `vhost` crate's own
+/// rejections.
 pub(super) fn invalid(what: &str) -> VuError {
     VuError::ReqHandlerError(std::io::Error::new(
         std::io::ErrorKind::InvalidInput,
         what.to_string(),
     ))
+}
+
+/// Whether `e` is the session's refusal of a request, which the `vhost`
+/// crate has answered if an answer was due (REPLY_ACK, or the failure
+/// reply of a GET_CONFIG); the session's refusals of requests whose
+/// answer the crate would not send end the connection instead
+/// ([`Session::unanswerable`]). The crate's own rejections
+/// (`InvalidParam`, `InactiveFeature`, `InactiveOperation`, ...) come
+/// before any answer.
+pub(super) fn refused(e: &VuError) -> bool {
+    matches!(
+        e,
+        VuError::ReqHandlerError(_) | VuError::InvalidOperation(_)
+    )
 }
 
 /// Takes `file` as an eventfd, refusing anything else (an untrusted
@@ -527,9 +544,10 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
         if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            return Err(VuError::InactiveFeature(
-                VhostUserVirtioFeatures::PROTOCOL_FEATURES,
-            ));
+            // Reached when SET_FEATURES was refused: the crate checked its
+            // own record of the acked features, which it keeps even then.
+            // The crate acks this refusal, so the session goes on.
+            return Err(invalid("SET_VRING_ENABLE without PROTOCOL_FEATURES"));
         }
         self.vring(index)?.enabled = enable;
         self.reconcile(index as usize)
@@ -642,12 +660,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(VuError::InvalidOperation("DEVICE_STATE is not offered"))
     }
 
+    // The two below are reached only if the frontend acked a protocol
+    // feature that was not offered (the crate keeps whatever it acked);
+    // the crate sends no reply for a failure of either.
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
-        Err(VuError::InvalidOperation("SHMEM is not offered"))
+        Err(self.unanswerable(VuError::InvalidOperation("SHMEM is not offered")))
     }
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("LOG_SHMFD is not offered"))
+        Err(self.unanswerable(VuError::InvalidOperation("LOG_SHMFD is not offered")))
     }
 }
 

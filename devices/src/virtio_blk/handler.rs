@@ -8,6 +8,7 @@
 //! a chain without even a status byte is returned with a used length of 0.
 //! Nothing here blocks, and nothing allocates once the tables are warm.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::error_policy::{self, ErrorOutcome};
@@ -43,6 +44,9 @@ pub enum BlkHandlerError {
     /// The rings are not in guest memory.
     #[error("virtqueue rings are not accessible")]
     Queue(#[source] virtio_queue::Error),
+    /// The avail index says there are entries, but none can be popped.
+    #[error("the driver's avail ring has entries that cannot be read")]
+    AvailUnreadable,
 }
 
 #[derive(Default)]
@@ -179,12 +183,19 @@ impl BlkQueueHandler {
         let budget = usize::from(queue.size());
         let mut used = false;
         let mut started = 0;
+        // A pass that pops nothing while the avail index says there is
+        // more: once, the driver may have published as we looked; twice,
+        // the entries cannot be popped (virtio-queue pops nothing from an
+        // avail ring at address 0, nor an entry it cannot read), and
+        // trying again would hold the thread forever.
+        let mut stalled = false;
         'ring: loop {
             if rearm {
                 queue
                     .disable_notification(mem.as_ref())
                     .map_err(BlkHandlerError::Queue)?;
             }
+            let before = queue.next_avail();
             while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
                 used |= self.start(chain, queue, mem);
                 started += 1;
@@ -212,12 +223,33 @@ impl BlkQueueHandler {
                     break 'ring;
                 }
             }
-            if !rearm
-                || !queue
+            let popped = queue.next_avail() != before;
+            if !rearm && popped {
+                // A poller owns the kick state and comes back for more.
+                break;
+            }
+            let more = if rearm {
+                queue
                     .enable_notification(mem.as_ref())
                     .map_err(BlkHandlerError::Queue)?
-            {
+            } else {
+                queue
+                    .avail_idx(mem.as_ref(), Ordering::Acquire)
+                    .map_err(BlkHandlerError::Queue)?
+                    .0
+                    != queue.next_avail()
+            };
+            if !more {
                 break;
+            }
+            if popped {
+                stalled = false;
+            } else if stalled {
+                // What this round started still goes to the node.
+                self.end_round(queue, mem, used)?;
+                return Err(BlkHandlerError::AvailUnreadable);
+            } else {
+                stalled = true;
             }
         }
         self.end_round(queue, mem, used)

@@ -266,6 +266,35 @@ fn avail_index_running_ahead_marks_the_queue_broken() {
 }
 
 #[test]
+fn an_avail_ring_whose_entries_cannot_be_popped_breaks_the_queue_instead_of_spinning() {
+    // Found by the virtio-pci fuzz target: a driver that puts its avail
+    // ring at guest address 0 and publishes an entry. virtio-queue pops
+    // nothing from a ring at 0, the avail index kept saying there was
+    // more, and the IOThread (and the vCPU activating the device, which
+    // waits for it) spun forever.
+    for rearm in [true, false] {
+        let r = rig("", BlkOptions::default());
+        let (mut handler, mem) = (r.handler, r.mem.clone());
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem.as_ref()));
+        mem.write_obj(1u16.to_le(), GuestAddress(2)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let res = handler.process_queue(&mut q, &mem, rearm, &mut || {});
+            let _ = tx.send(matches!(res, Err(BlkHandlerError::AvailUnreadable)));
+        });
+        let refused = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("process_queue spins (rearm: {rearm})"));
+        assert!(refused, "the queue is reported broken (rearm: {rearm})");
+    }
+}
+
+#[test]
 fn process_queue_without_rearm_leaves_the_kick_state_to_the_poller() {
     let mut r = rig("", BlkOptions::default());
     let mem = r.mem.clone();

@@ -376,12 +376,7 @@ fn spawn_client(stream: UnixStream, monitor: Arc<dyn Monitor>, events: Events) -
     let reader = std::thread::Builder::new()
         .name("qmp-client".into())
         .spawn(move || {
-            let mut session = Session {
-                monitor,
-                events,
-                tx,
-                negotiated: false,
-            };
+            let mut session = Session::new(monitor, events, tx);
             session.run(r_stream);
             // The event list may still hold a sender: tell the writer.
             let _ = session.tx.send(Value::Null);
@@ -425,19 +420,71 @@ fn version() -> Value {
     })
 }
 
-struct Session {
+/// One client's side of the protocol, apart from its socket: bytes in
+/// (any split), one reply per message out through the writer's queue,
+/// in order. The reader thread feeds it what it reads; the fuzz target
+/// feeds it directly.
+pub struct Session {
     monitor: Arc<dyn Monitor>,
     events: Events,
     tx: SyncSender<Value>,
     negotiated: bool,
+    splitter: Splitter,
+    pieces: Vec<Piece>,
 }
 
 impl Session {
-    fn run(&mut self, mut stream: UnixStream) {
+    /// A session before the greeting: replies and (after negotiation)
+    /// events go to `tx`, which must be drained, as a client's writer
+    /// thread does, or replies wait for room.
+    pub fn new(monitor: Arc<dyn Monitor>, events: Events, tx: SyncSender<Value>) -> Self {
+        Session {
+            monitor,
+            events,
+            tx,
+            negotiated: false,
+            splitter: Splitter::new(MAX_MESSAGE, MAX_DEPTH),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Sends the greeting, the first thing a client reads.
+    pub fn greet(&self) {
         self.send(json!({"QMP": {"version": version(), "capabilities": []}}));
-        let mut splitter = Splitter::new(MAX_MESSAGE, MAX_DEPTH);
+    }
+
+    /// Takes `bytes` from the client and answers every message they
+    /// complete.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.splitter.feed(bytes, &mut self.pieces);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        for p in pieces.drain(..) {
+            let reply = match p {
+                Piece::Message(m) => self.handle(&m),
+                Piece::TooLarge => Some(error_reply(
+                    None,
+                    &QmpError::generic(format!(
+                        "JSON parse error, message too large (the limit is {MAX_MESSAGE} bytes)"
+                    )),
+                )),
+                Piece::TooDeep => Some(error_reply(
+                    None,
+                    &QmpError::generic(format!(
+                        "JSON parse error, nesting too deep (the limit is {MAX_DEPTH})"
+                    )),
+                )),
+            };
+            if let Some(r) = reply {
+                self.send(r);
+            }
+        }
+        // Keep the allocation for the next read.
+        self.pieces = pieces;
+    }
+
+    fn run(&mut self, mut stream: UnixStream) {
+        self.greet();
         let mut buf = vec![0u8; 64 * 1024];
-        let mut pieces = Vec::new();
         loop {
             let n = match stream.read(&mut buf) {
                 Ok(0) => return,
@@ -445,27 +492,7 @@ impl Session {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            splitter.feed(&buf[..n], &mut pieces);
-            for p in pieces.drain(..) {
-                let reply = match p {
-                    Piece::Message(m) => self.handle(&m),
-                    Piece::TooLarge => Some(error_reply(
-                        None,
-                        &QmpError::generic(format!(
-                            "JSON parse error, message too large (the limit is {MAX_MESSAGE} bytes)"
-                        )),
-                    )),
-                    Piece::TooDeep => Some(error_reply(
-                        None,
-                        &QmpError::generic(format!(
-                            "JSON parse error, nesting too deep (the limit is {MAX_DEPTH})"
-                        )),
-                    )),
-                };
-                if let Some(r) = reply {
-                    self.send(r);
-                }
-            }
+            self.feed(&buf[..n]);
         }
     }
 
