@@ -622,6 +622,31 @@ impl IoSubscriber for NbdWorker {
         if conn.is_closed() {
             return false;
         }
+        // While the node works on requests, poll only its completions
+        // (memory, no system call: an io_uring CQ, as QEMU's IOThreads
+        // poll). Read the socket only when nothing is in flight and the
+        // next request is what the connection waits for: a recv() per
+        // round while a disk works slowed a file at iodepth 1 from 1.28x
+        // qemu-storage-daemon's IOPS (no polling) to 0.83x.
+        if conn.in_flight() > 0 {
+            if !conn.completions_ready() {
+                return false;
+            }
+            let before = conn.in_flight();
+            conn.on_completions();
+            if conn.in_flight() == before {
+                return false;
+            }
+            note_event(conn.completion_fd() as u64);
+            conn.on_writable(&mut self.io);
+            conn.resume(&mut self.io);
+            let mut want = conn.interest();
+            want.write |= self.io.wants_write();
+            if conn.is_closed() || want != self.watching {
+                let _ = self.wake.write(1);
+            }
+            return true;
+        }
         let before = conn.requests();
         if conn.interest().read {
             conn.on_readable(&mut self.io);

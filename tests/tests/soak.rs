@@ -157,13 +157,30 @@ fn qmp_churn_answers_right_and_leaks_nothing() -> Result<()> {
     let pid = d.pid();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let start = Instant::now();
+    // The baseline: after the first session, once its socket is closed
+    // (the fd count holds still for 300 ms).
     qmp_session(&qmp, dir.path(), 0, &mut rng)?;
-    std::thread::sleep(Duration::from_millis(200));
-    let (fd0, rss0) = (fds(pid)?, rss_kib(pid)?);
+    let mut fd0 = fds(pid)?;
+    let mut still = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while still.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let n = fds(pid)?;
+        if n != fd0 {
+            fd0 = n;
+            still = Instant::now();
+        }
+    }
+    let rss0 = rss_kib(pid)?;
     for i in 1..n {
         qmp_session(&qmp, dir.path(), i, &mut rng).with_context(|| format!("session {i}"))?;
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // The daemon closes the last session's socket when it sees the
+    // hang-up: wait for that (up to 5 s) rather than a fixed time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fds(pid)? != fd0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (fd1, rss1) = (fds(pid)?, rss_kib(pid)?);
     eprintln!(
         "QMP churn: {n} sessions in {:?}; fds {fd0} -> {fd1}, RSS {rss0} -> {rss1} KiB",

@@ -241,6 +241,12 @@ impl NbdConnection {
         buf
     }
 
+    /// Whether the node has completions to take, found without a system
+    /// call where the engine allows (a busy poller asks first).
+    pub fn completions_ready(&mut self) -> bool {
+        self.queue.completions_ready()
+    }
+
     /// Requests taken off the wire since the connection began.
     pub fn requests(&self) -> u64 {
         self.requests
