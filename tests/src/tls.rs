@@ -3,18 +3,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
+use crate::files::run;
+use crate::{Backend, StorageDaemon};
 
 /// A CA, a server certificate for localhost and 127.0.0.1 and a client
 /// certificate, made with openssl in QEMU's `tls-creds-x509` layout;
@@ -89,4 +81,26 @@ pub fn make_certs(dir: &Path, anon: &Path) -> Result<()> {
     std::fs::create_dir_all(anon)?;
     std::fs::copy(dir.join("ca-cert.pem"), anon.join("ca-cert.pem"))?;
     Ok(())
+}
+
+/// `blkvm storage-daemon` serving `img` (writable, export `disk`) on an
+/// NBD server at `addr` (keyval `addr.*`) that requires TLS with the
+/// server credentials in `pki`.
+pub fn tls_daemon(img: &Path, pki: &Path, addr: &str) -> Result<StorageDaemon> {
+    StorageDaemon::start_with_args(
+        Backend::Blkvm,
+        [
+            "--object".to_string(),
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                pki.display()
+            ),
+            "--blockdev".into(),
+            format!("file,node-name=f0,filename={}", img.display()),
+            "--nbd-server".into(),
+            format!("{addr},tls-creds=tls0"),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=f0,name=disk,writable=on".into(),
+        ],
+    )
 }

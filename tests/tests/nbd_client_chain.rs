@@ -247,21 +247,10 @@ fn our_client_speaks_tls_to_qemu_nbd_and_to_our_server() -> Result<()> {
     // chain is), through bench with mixed I/O.
     let img = image(dir.path(), "ours.img", 13)?;
     let sock = dir.path().join("tls.sock");
-    let _ours = StorageDaemon::start_with_args(
-        Backend::Blkvm,
-        [
-            "--object".to_string(),
-            format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=server",
-                pki.display()
-            ),
-            "--blockdev".into(),
-            format!("file,node-name=f0,filename={}", img.display()),
-            "--nbd-server".into(),
-            format!("addr.type=unix,addr.path={},tls-creds=tls0", sock.display()),
-            "--export".into(),
-            "type=nbd,id=e0,node-name=f0,name=disk,writable=on".into(),
-        ],
+    let _ours = tests::tls::tls_daemon(
+        &img,
+        &pki,
+        &format!("addr.type=unix,addr.path={}", sock.display()),
     )?;
     let front2 = dir.path().join("front2.sock");
     let d2 = tls_client_daemon(

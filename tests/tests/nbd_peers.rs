@@ -559,25 +559,6 @@ fn fast_zero_is_refused_where_the_node_would_zero_by_hand() -> Result<()> {
     Ok(())
 }
 
-fn tls_daemon(img: &Path, pki: &Path, addr: &str) -> Result<StorageDaemon> {
-    StorageDaemon::start_with_args(
-        Backend::Blkvm,
-        [
-            "--object".to_string(),
-            format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=server",
-                pki.display()
-            ),
-            "--blockdev".into(),
-            format!("file,node-name=f0,filename={}", img.display()),
-            "--nbd-server".into(),
-            format!("{addr},tls-creds=tls0"),
-            "--export".into(),
-            "type=nbd,id=e0,node-name=f0,name=disk,writable=on".into(),
-        ],
-    )
-}
-
 /// The TLS server (`tls-creds`): QEMU's client and libnbd's start TLS and
 /// read, write and copy through it (QEMU with extended headers, over
 /// TLS); a client without TLS is refused naming TLS; a client without a
@@ -592,7 +573,7 @@ fn tls_clients_are_served_and_others_refused() -> Result<()> {
     let img = image(dir.path(), "disk.img")?;
     let src = image(dir.path(), "src.img")?;
     let sock = dir.path().join("nbd.sock");
-    let _d = tls_daemon(
+    let _d = tests::tls::tls_daemon(
         &img,
         &pki,
         &format!("addr.type=unix,addr.path={}", sock.display()),
@@ -689,7 +670,7 @@ fn tls_over_tcp_checks_the_server_name() -> Result<()> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let _d = tls_daemon(
+    let _d = tests::tls::tls_daemon(
         &img,
         &pki,
         &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
@@ -722,7 +703,7 @@ fn garbage_where_tls_is_due_ends_only_that_connection() -> Result<()> {
     tests::tls::make_certs(&pki, &dir.path().join("anon"))?;
     let img = image(dir.path(), "disk.img")?;
     let sock = dir.path().join("nbd.sock");
-    let _d = tls_daemon(
+    let _d = tests::tls::tls_daemon(
         &img,
         &pki,
         &format!("addr.type=unix,addr.path={}", sock.display()),
@@ -792,7 +773,7 @@ fn a_bad_certificate_directory_names_the_missing_file() -> Result<()> {
     std::fs::remove_file(pki.join("server-key.pem"))?;
     let img = image(dir.path(), "disk.img")?;
     let sock = dir.path().join("nbd.sock");
-    let e = match tls_daemon(
+    let e = match tests::tls::tls_daemon(
         &img,
         &pki,
         &format!("addr.type=unix,addr.path={}", sock.display()),
