@@ -748,8 +748,10 @@ fn garbage_where_tls_is_due_ends_only_that_connection() -> Result<()> {
     greet(&mut s)?;
     let (reply, _) = option(&mut s, STARTTLS, &[])?;
     ensure!(reply == 1, "STARTTLS not acknowledged: {reply:#x}");
-    s.write_all(&[0x16, 3, 1, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef])?;
-    s.write_all(&[0u8; 512])?;
+    // The server may hang up after the first bytes: a failed write is
+    // what it should do, not a failure of the test.
+    let _ = s.write_all(&[0x16, 3, 1, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef]);
+    let _ = s.write_all(&[0u8; 512]);
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     // The server goes on.
