@@ -7,8 +7,71 @@ use std::{collections::BTreeMap, fmt::Write as _, process::ExitStatus};
 
 use anyhow::{anyhow, Result};
 
+/// Console lines shown in full at the end of an error.
+const TAIL_LINES: usize = 80;
+
+/// The console for an error message. A long console is cut to the lines
+/// that say what went wrong (QEMU's own messages, assertions, panics,
+/// `BLKVM-` lines) and its last [`TAIL_LINES`] lines, since CI shows only
+/// the head and tail of a long log; the whole console goes to a file
+/// whose path is printed.
 pub(crate) fn console_block(console: &str) -> String {
-    format!("--- guest console ---\n{console}--- end of guest console ---")
+    let lines: Vec<&str> = console.lines().collect();
+    if lines.len() <= TAIL_LINES * 2 {
+        return format!("--- guest console ---\n{console}--- end of guest console ---");
+    }
+    let tail_start = lines.len() - TAIL_LINES;
+    let mut out = String::new();
+    if let Some(path) = save_console(console) {
+        let _ = writeln!(out, "(the whole console: {})", path.display());
+    }
+    out.push_str("--- notable console lines ---\n");
+    for line in &lines[..tail_start] {
+        if notable(line) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let _ = writeln!(
+        out,
+        "--- the last {TAIL_LINES} of {} console lines ---",
+        lines.len()
+    );
+    for line in &lines[tail_start..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str("--- end of guest console ---");
+    out
+}
+
+/// Whether a console line is worth showing out of a long boot log.
+fn notable(line: &str) -> bool {
+    const MARKS: [&str; 10] = [
+        "qemu-system",
+        "qemu:",
+        "Assertion",
+        "assert",
+        "panic",
+        "BUG",
+        "Call Trace",
+        "error",
+        "BLKVM-",
+        "blkvm",
+    ];
+    MARKS.iter().any(|m| line.contains(m))
+}
+
+/// Writes the console to a file under the temporary directory, for a
+/// failed test to be debugged from; `None` if that fails.
+fn save_console(console: &str) -> Option<std::path::PathBuf> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "blkvm-guest-console-{}-{seq}.log",
+        std::process::id()
+    ));
+    std::fs::write(&path, console).ok().map(|()| path)
 }
 
 /// What a guest printed.
@@ -112,5 +175,30 @@ mod tests {
         assert!(err.contains("\"vda.ro\""));
         assert!(err.contains("booted"));
         assert!(out.check_success().is_ok());
+    }
+
+    #[test]
+    fn a_long_console_keeps_qemus_messages_and_its_tail() {
+        let mut console = String::new();
+        for i in 0..1000 {
+            console.push_str(&format!("[ {i}.0] boot noise {i}\n"));
+            if i == 10 {
+                console.push_str("qemu-system-x86_64: hw/foo.c:1: bar: Assertion `x' failed.\n");
+            }
+        }
+
+        let block = console_block(&console);
+
+        assert!(block.contains("Assertion `x' failed"));
+        assert!(block.contains("boot noise 999"));
+        assert!(block.contains(&format!("boot noise {}", 1000 - TAIL_LINES)));
+        assert!(!block.contains("boot noise 500\n"));
+        let path = block
+            .lines()
+            .find_map(|l| l.strip_prefix("(the whole console: "))
+            .and_then(|l| l.strip_suffix(')'))
+            .expect("the saved console's path");
+        assert_eq!(std::fs::read_to_string(path).unwrap(), console);
+        std::fs::remove_file(path).unwrap();
     }
 }
