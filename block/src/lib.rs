@@ -5,6 +5,8 @@
 //! Layout (DESIGN.md, "Block layer shapes"):
 //! - [`request`]: requests, completions, data-path errors;
 //! - [`node`]: the [`BlockNode`] control plane and [`NodeQueue`] data plane;
+//! - [`backend`]: [`BlockBackend`], a user's attachment to its root node
+//!   (the request check, per-user stats, the error policy);
 //! - [`graph`]: [`BlockGraph`], names, children, users;
 //! - drivers: [`file`] (threads and io_uring engines), [`raw`], [`null`];
 //! - [`memory`]: the RAM registrar; [`bounce`]: per-queue bounce pools;
@@ -12,6 +14,7 @@
 
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod blkio;
 pub mod bounce;
 mod completion;
@@ -29,6 +32,7 @@ pub mod stats;
 mod sys;
 pub mod throttle;
 
+pub use backend::{BackendOptions, BackendQueue, BlockBackend};
 pub use error::BlockError;
 pub use graph::BlockGraph;
 pub use limits::BlockLimits;

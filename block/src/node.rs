@@ -197,23 +197,19 @@ impl NodeCommon {
         }
     }
 
-    /// Applies read-only, bounds, `cache.no-flush`, `discard` and
-    /// `detect-zeroes` to a request.
+    /// Applies read-only and bounds (unless the request was checked where
+    /// it entered the graph), then `cache.no-flush`, `discard` and
+    /// `detect-zeroes`, which are this node's own.
     pub fn precheck(&self, mut req: Request, capacity: u64) -> Result<Precheck, SubmitError> {
-        req.stamp();
-        if req.is_modifying() && self.read_only {
-            return Err(SubmitError {
-                request: req,
-                error: RequestError::ReadOnly,
-            });
-        }
-        if req.op() != RequestOp::Flush {
-            if let Err(error) = req.check_range(capacity) {
+        if !req.checked {
+            req.stamp();
+            if let Err(error) = check_request(&req, self.read_only, capacity) {
                 return Err(SubmitError {
                     request: req,
                     error,
                 });
             }
+            req.checked = true;
         }
         let done = match req.op() {
             RequestOp::Flush => self.no_flush,
@@ -236,6 +232,23 @@ impl NodeCommon {
         }
         Ok(Precheck::Forward(req))
     }
+}
+
+/// The request check, made once per request where it enters the graph:
+/// a modifying request on a read-only user or node, and a range past the
+/// end (a flush has none), are refused.
+pub(crate) fn check_request(
+    req: &Request,
+    read_only: bool,
+    capacity: u64,
+) -> Result<(), RequestError> {
+    if read_only && req.is_modifying() {
+        return Err(RequestError::ReadOnly);
+    }
+    if req.op() != RequestOp::Flush {
+        req.check_range(capacity)?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for dyn BlockNode {

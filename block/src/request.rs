@@ -104,6 +104,10 @@ pub struct Request {
     /// Caller's tag, returned untouched in the completion.
     pub user_data: u64,
     pub(crate) start: Option<Instant>,
+    /// Read-only and range were checked where the request entered the
+    /// graph (its [`BlockBackend`](crate::backend::BlockBackend), or the
+    /// first node): the nodes below do not check again.
+    pub(crate) checked: bool,
 }
 
 // SAFETY: the iovec pointers are plain addresses of memory whose validity
@@ -121,6 +125,7 @@ impl Request {
             iovecs,
             user_data: 0,
             start: None,
+            checked: false,
         }
     }
 

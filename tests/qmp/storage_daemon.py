@@ -176,6 +176,13 @@ async def add_and_export_during_io():
     # Per-user view: one entry per export, named by qdev.
     users = await qmp.execute("query-blockstats")
     assert sorted(u["qdev"] for u in users) == ["export 'e0'", "export 'e1'"], users
+    # Each export counts its own requests (its BlockBackend), apart from
+    # the node's counters, and names its node.
+    by_qdev = {u["qdev"]: u for u in users}
+    assert by_qdev["export 'e1'"]["node-name"] == "n1", users
+    assert by_qdev["export 'e1'"]["stats"]["rd_operations"] >= 2000, users
+    assert by_qdev["export 'e1'"]["stats"]["wr_operations"] == 0, users
+    assert by_qdev["export 'e0'"]["parent"]["node-name"] == "f0", users
     bench_result(busy)
     nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
     by_name = {n["node-name"]: n for n in nodes}

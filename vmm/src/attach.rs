@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use block::{BlockGraph, BlockNode};
+use block::{BlockBackend, BlockGraph, BlockNode};
 use devices::bus::{Bus, BusDevice};
 use devices::iothread::{IoThread, IoThreadConfig};
 use devices::pci::PciSegment;
@@ -262,6 +262,8 @@ pub struct AttachedDevice {
     pub id: Option<String>,
     /// Its node (`None`: another process serves it, vhost-user-blk).
     pub node: Option<Arc<dyn BlockNode>>,
+    /// Its attachment to the node (its own statistics), with the node.
+    pub backend: Option<Arc<BlockBackend>>,
     /// Its transport.
     pub transport: Transport,
     /// Its I/O status (`werror`/`rerror` stop; QMP `io-status`), when it
@@ -414,6 +416,7 @@ pub fn attach_devices(
     for (i, d) in devices.into_iter().enumerate() {
         let label = d.label.clone();
         let mut io_status = None;
+        let mut backend = None;
         let (node, transport) = match d.backend {
             PreparedBackend::Node {
                 node,
@@ -435,6 +438,7 @@ pub fn attach_devices(
                     mem.clone(),
                 )
                 .with_context(|| label.clone())?;
+                backend = Some(blk.backend().clone());
                 let t = if d.options.driver.is_pci() {
                     Transport::Pci(place_pci(dm, &mut pci, blk, &label)?)
                 } else {
@@ -456,6 +460,7 @@ pub fn attach_devices(
             label,
             id: d.options.id.clone(),
             node,
+            backend,
             transport,
             io_status,
         });

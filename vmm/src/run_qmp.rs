@@ -174,28 +174,17 @@ impl VmMonitor {
         Value::Array(v)
     }
 
-    /// Without `query-nodes`, one entry per device named by its `qdev`
-    /// (the shared form names the graph's users, which are labels here).
+    /// Without `query-nodes`, one entry per device that serves its own
+    /// queues, named by its `qdev`, with the device's own counters.
     fn query_blockstats(&self, a: &Map<String, Value>) -> Result<Value, QmpError> {
-        if a.get("query-nodes").and_then(Value::as_bool) == Some(true) {
-            return qmp::block::query_blockstats(&self.graph(), a);
-        }
-        // Checks the arguments as QEMU does.
-        qmp::block::query_blockstats(&self.graph(), a)?;
-        let v = self
+        let users: Vec<_> = self
             .attached
             .devices
             .iter()
             .zip(&self.qdevs)
-            .filter_map(|(d, qdev)| Some((d.node.as_ref()?, qdev)))
-            .map(|(node, qdev)| {
-                let mut s = qmp::block::block_stats(node.as_ref());
-                s["device"] = json!("");
-                s["qdev"] = json!(qdev);
-                s
-            })
+            .filter_map(|(d, qdev)| Some((qdev.clone(), d.backend.clone()?)))
             .collect();
-        Ok(Value::Array(v))
+        qmp::block::query_blockstats(&self.graph(), &users, a)
     }
 
     /// QEMU's `x-query-virtio`: each virtio device's QOM path and name,

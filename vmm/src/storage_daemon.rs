@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use anyhow::{bail, Context, Result};
 use block::nbd::server::NbdExportInfo;
 use block::nbd::tls::{TlsCredsX509, TlsEndpoint};
-use block::{BlockGraph, RequestOp};
+use block::{BackendOptions, BlockBackend, BlockGraph, RequestOp};
 use clap::Args;
 use devices::iothread::IoThread;
 use devices::nbd_server::{NbdAddr, NbdServer, NbdServerExport};
@@ -72,11 +72,36 @@ struct State {
     exports: Vec<VhostUserBlkExport>,
     /// The NBD server, once started.
     nbd: Option<NbdServer>,
-    /// NBD exports: (id, export name, node name).
-    nbd_exports: Vec<(String, String, String)>,
+    /// NBD exports.
+    nbd_exports: Vec<NbdExportEntry>,
     /// The vhost-user-blk exports' I/O status by id (werror/rerror=stop,
     /// QMP `cont`).
     io_status: HashMap<String, Arc<IoStatus>>,
+}
+
+/// An NBD export of the daemon.
+struct NbdExportEntry {
+    id: String,
+    /// The name clients ask for.
+    name: String,
+    node_name: String,
+    backend: Arc<BlockBackend>,
+}
+
+impl State {
+    /// The graph's users with their own statistics, for
+    /// `query-blockstats`: the exports, named as the graph names them.
+    fn users(&self) -> Vec<(String, Arc<BlockBackend>)> {
+        let vhost = self
+            .exports
+            .iter()
+            .map(|e| (user_name(e.id()), e.backend().clone()));
+        let nbd = self
+            .nbd_exports
+            .iter()
+            .map(|e| (user_name(&e.id), e.backend.clone()));
+        vhost.chain(nbd).collect()
+    }
 }
 
 /// Runs the daemon until SIGTERM, SIGINT or QMP `quit`.
@@ -245,6 +270,14 @@ impl Daemon {
             )));
         }
         let name = e.name.clone().unwrap_or_else(|| e.node_name.clone());
+        let backend = Arc::new(BlockBackend::new(
+            e.id.clone(),
+            node.clone(),
+            BackendOptions {
+                read_only: !e.writable,
+                ..BackendOptions::default()
+            },
+        ));
         server
             .add_export(NbdServerExport {
                 name: name.clone(),
@@ -254,6 +287,7 @@ impl Daemon {
                     description: e.description.clone(),
                     multi_conn: true,
                 },
+                backend: backend.clone(),
                 iothread,
                 registrar: Some(st.graph.registrar().clone()),
             })
@@ -261,14 +295,19 @@ impl Daemon {
         st.graph
             .attach(&e.node_name, &user_name(&e.id))
             .map_err(|err| QmpError::generic(format!("{err}")))?;
-        st.nbd_exports
-            .push((e.id.clone(), name, e.node_name.clone()));
+        st.nbd_exports.push(NbdExportEntry {
+            id: e.id.clone(),
+            name,
+            node_name: e.node_name.clone(),
+            backend,
+        });
         Ok(())
     }
 
     fn add_export(&self, e: &BlockExportOptions) -> Result<(), QmpError> {
         let mut st = self.lock();
-        if st.exports.iter().any(|x| x.id() == e.id) || st.nbd_exports.iter().any(|x| x.0 == e.id) {
+        if st.exports.iter().any(|x| x.id() == e.id) || st.nbd_exports.iter().any(|x| x.id == e.id)
+        {
             return Err(QmpError::generic(format!(
                 "Block export id '{}' is already in use",
                 e.id
@@ -299,12 +338,17 @@ impl Daemon {
 
     fn del_export(&self, id: &str, hard: bool) -> Result<(), QmpError> {
         let mut st = self.lock();
-        if let Some(i) = st.nbd_exports.iter().position(|x| x.0 == id) {
-            let (id, name, node) = st.nbd_exports.remove(i);
+        if let Some(i) = st.nbd_exports.iter().position(|x| x.id == id) {
+            let NbdExportEntry {
+                id,
+                name,
+                node_name,
+                ..
+            } = st.nbd_exports.remove(i);
             if let Some(server) = st.nbd.as_ref() {
                 server.remove_export(&name);
             }
-            st.graph.detach(&node, &user_name(&id));
+            st.graph.detach(&node_name, &user_name(&id));
             drop(st);
             self.events
                 .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
@@ -408,10 +452,10 @@ impl Monitor for Daemon {
                     return Err(QmpError::generic("NBD server not running"));
                 };
                 server.stop();
-                for (id, _, node) in std::mem::take(&mut st.nbd_exports) {
-                    st.graph.detach(&node, &user_name(&id));
+                for e in std::mem::take(&mut st.nbd_exports) {
+                    st.graph.detach(&e.node_name, &user_name(&e.id));
                     self.events
-                        .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+                        .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": e.id})));
                 }
                 Ok(json!({}))
             }
@@ -440,11 +484,11 @@ impl Monitor for Daemon {
                         })
                     })
                     .collect();
-                v.extend(st.nbd_exports.iter().map(|(id, _, node)| {
+                v.extend(st.nbd_exports.iter().map(|e| {
                     json!({
                         "type": "nbd",
-                        "id": id,
-                        "node-name": node,
+                        "id": e.id,
+                        "node-name": e.node_name,
                         "shutting-down": false,
                     })
                 }));
@@ -468,7 +512,10 @@ impl Monitor for Daemon {
                 Ok(json!({}))
             }
             "query-named-block-nodes" => qmp::block::query_named_block_nodes(&self.lock().graph, a),
-            "query-blockstats" => qmp::block::query_blockstats(&self.lock().graph, a),
+            "query-blockstats" => {
+                let st = self.lock();
+                qmp::block::query_blockstats(&st.graph, &st.users(), a)
+            }
             "blockdev-add" => qmp::block::blockdev_add(&mut self.lock().graph, a),
             "blockdev-del" => qmp::block::blockdev_del(&mut self.lock().graph, a),
             "block_set_io_throttle" => qmp::block::block_set_io_throttle(&self.lock().graph, a),

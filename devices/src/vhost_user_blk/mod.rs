@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use block::{BlockNode, RamRegistrar};
+use block::{BlockBackend, BlockNode, RamRegistrar};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
@@ -83,6 +83,8 @@ pub struct VhostUserBlkExportConfig {
 struct ExportShared {
     id: String,
     node: Arc<dyn BlockNode>,
+    /// The export's attachment to the node (its own statistics).
+    backend: Arc<BlockBackend>,
     opts: BlkOptions,
     features: u64,
     registrar: RamRegistrar,
@@ -122,10 +124,15 @@ impl VhostUserBlkExport {
         opts.check()?;
         let read_only = opts.read_only || cfg.node.read_only();
         let n = usize::from(opts.num_queues.max(1));
+        let backend = Arc::new(BlockBackend::new(
+            cfg.id.clone(),
+            cfg.node.clone(),
+            opts.backend_options(),
+        ));
         let mut handlers = Vec::with_capacity(n);
         for _ in 0..n {
-            let q = cfg.node.open_queue().map_err(VhostUserBlkError::Queue)?;
-            let mut h = BlkQueueHandler::new(cfg.node.clone(), q, &opts);
+            let mut h =
+                BlkQueueHandler::new(backend.clone(), &opts).map_err(VhostUserBlkError::Queue)?;
             h.set_io_error_hook(cfg.io_error.clone());
             handlers.push(Some(h));
         }
@@ -150,6 +157,7 @@ impl VhostUserBlkExport {
         let shared = Arc::new(ExportShared {
             id: cfg.id,
             node: cfg.node,
+            backend,
             opts,
             features,
             registrar: cfg.registrar,
@@ -187,6 +195,11 @@ impl VhostUserBlkExport {
     /// The node served.
     pub fn node(&self) -> &Arc<dyn BlockNode> {
         &self.shared.node
+    }
+
+    /// The export's attachment to the node (its own statistics).
+    pub fn backend(&self) -> &Arc<BlockBackend> {
+        &self.shared.backend
     }
 
     /// Whether a frontend is connected.

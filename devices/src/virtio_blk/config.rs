@@ -47,6 +47,18 @@ pub struct BlkOptions {
     pub io_status: Option<std::sync::Arc<super::IoStatus>>,
 }
 
+impl BlkOptions {
+    /// How the device's [`block::BlockBackend`] attaches to its node.
+    pub fn backend_options(&self) -> block::BackendOptions {
+        block::BackendOptions {
+            read_only: self.read_only,
+            werror: self.werror,
+            rerror: self.rerror,
+            io_status: self.io_status.clone(),
+        }
+    }
+}
+
 impl Default for BlkOptions {
     fn default() -> Self {
         BlkOptions {

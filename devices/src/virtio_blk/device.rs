@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use block::BlockNode;
+use block::{BlockBackend, BlockNode};
 use event_manager::SubscriberId;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -56,7 +56,7 @@ pub struct VirtioBlkConfig {
 /// A virtio-blk device of the VMM.
 pub struct VirtioBlk {
     id: String,
-    node: Arc<dyn BlockNode>,
+    backend: Arc<BlockBackend>,
     opts: BlkOptions,
     mem: Arc<GuestMem>,
     iothreads: Vec<Arc<IoThread>>,
@@ -95,8 +95,12 @@ impl VirtioBlk {
         Ok(VirtioBlk {
             features: config::features(&cfg.opts, read_only),
             config: config::config_space(cfg.node.as_ref(), &cfg.opts, true),
+            backend: Arc::new(BlockBackend::new(
+                cfg.id.clone(),
+                cfg.node,
+                cfg.opts.backend_options(),
+            )),
             id: cfg.id,
-            node: cfg.node,
             opts: cfg.opts,
             mem,
             iothreads,
@@ -111,7 +115,12 @@ impl VirtioBlk {
 
     /// The node the device serves.
     pub fn node(&self) -> &Arc<dyn BlockNode> {
-        &self.node
+        self.backend.node()
+    }
+
+    /// The device's attachment to its node (its own statistics).
+    pub fn backend(&self) -> &Arc<BlockBackend> {
+        &self.backend
     }
 
     /// The IOThreads the queues run on.
@@ -157,11 +166,8 @@ impl VirtioBlk {
         if !queue.is_valid(self.mem.as_ref()) {
             return Err(VirtioDeviceError::BadQueue(index));
         }
-        let nq = self
-            .node
-            .open_queue()
+        let mut handler = BlkQueueHandler::new(self.backend.clone(), &self.opts)
             .map_err(|e| VirtioDeviceError::Host(Box::new(e)))?;
-        let mut handler = BlkQueueHandler::new(self.node.clone(), nq, &self.opts);
         handler.set_io_error_hook(self.io_error.clone());
         Ok(QueueWorker::new(QueueWorkerConfig {
             id: format!("{}: queue {index}", self.id),
@@ -274,7 +280,8 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn refresh_config(&mut self) {
-        self.config = config::config_space(self.node.as_ref(), &self.opts, self.writeback);
+        self.config =
+            config::config_space(self.backend.node().as_ref(), &self.opts, self.writeback);
     }
 }
 

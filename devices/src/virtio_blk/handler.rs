@@ -11,8 +11,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::error_policy::{self, ErrorOutcome};
-use block::{BlockNode, Completion, IovecPool, NodeQueue, Request, RequestError, RequestOp};
+use super::ErrorOutcome;
+use block::{
+    BackendQueue, BlockBackend, BlockError, BlockNode, Completion, IovecPool, NodeQueue, Request,
+    RequestError, RequestOp,
+};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -78,8 +81,8 @@ pub struct BlkQueueCounters {
 
 /// One virtqueue's handler.
 pub struct BlkQueueHandler {
-    node: Arc<dyn BlockNode>,
-    queue: Box<dyn NodeQueue>,
+    backend: Arc<BlockBackend>,
+    queue: BackendQueue,
     serial: [u8; ID_LEN],
     read_only: bool,
     opts: BlkOptions,
@@ -97,15 +100,15 @@ pub struct BlkQueueHandler {
 }
 
 impl BlkQueueHandler {
-    /// A handler serving `node` through its own node `queue`.
-    pub fn new(node: Arc<dyn BlockNode>, queue: Box<dyn NodeQueue>, opts: &BlkOptions) -> Self {
+    /// A handler serving `backend`'s node through a queue of its own.
+    pub fn new(backend: Arc<BlockBackend>, opts: &BlkOptions) -> Result<Self, BlockError> {
         let mut serial = [0u8; ID_LEN];
         let s = opts.serial.as_bytes();
         serial[..s.len().min(ID_LEN)].copy_from_slice(&s[..s.len().min(ID_LEN)]);
-        BlkQueueHandler {
-            read_only: opts.read_only || node.read_only(),
-            node,
-            queue,
+        Ok(BlkQueueHandler {
+            read_only: opts.read_only || backend.read_only(),
+            queue: backend.open_queue()?,
+            backend,
             serial,
             opts: opts.clone(),
             slots: Vec::new(),
@@ -117,7 +120,7 @@ impl BlkQueueHandler {
             io_error: None,
             inflight: None,
             stopped: Vec::new(),
-        }
+        })
     }
 
     /// Keeps `record` of the heads in flight from now on (vhost-user
@@ -367,12 +370,12 @@ impl BlkQueueHandler {
 
     /// The device's I/O status, if it has one (`stop` needs it).
     pub fn io_status(&self) -> Option<&Arc<super::IoStatus>> {
-        self.opts.io_status.as_ref()
+        self.backend.io_status()
     }
 
     /// Whether the device is stopped by a `stop` error.
     pub fn is_stopped(&self) -> bool {
-        self.opts.io_status.as_ref().is_some_and(|s| s.is_stopped())
+        self.backend.io_status().is_some_and(|s| s.is_stopped())
     }
 
     /// Chains kept by `stop` errors, waiting for resume.
@@ -440,24 +443,11 @@ impl BlkQueueHandler {
             // Only host errors follow the policy; what the guest got
             // wrong (out of range, read-only) is reported. Without a
             // status to stop, `stop` reports.
-            let outcome = match (e, &self.opts.io_status) {
-                (RequestError::Os(_), st) => {
-                    match error_policy::decide(self.opts.werror, self.opts.rerror, op, e) {
-                        ErrorOutcome::Stop if st.is_none() => ErrorOutcome::Report,
-                        o => o,
-                    }
-                }
-                _ => ErrorOutcome::Report,
-            };
+            let outcome = self.backend.error_outcome(op, e);
             match outcome {
                 ErrorOutcome::Report => slot.status = VirtioBlkError::Io.status(),
                 ErrorOutcome::Ignore => {}
-                ErrorOutcome::Stop => {
-                    slot.retry = true;
-                    if let Some(st) = &self.opts.io_status {
-                        st.stop(e);
-                    }
-                }
+                ErrorOutcome::Stop => slot.retry = true,
             }
             if let (Some(hook), RequestError::Os(_)) = (&self.io_error, e) {
                 hook(op, e, outcome);
@@ -686,7 +676,12 @@ impl BlkQueueHandler {
 
     /// The node behind this queue.
     pub fn node(&self) -> &Arc<dyn BlockNode> {
-        &self.node
+        self.backend.node()
+    }
+
+    /// The user's attachment to the node.
+    pub fn backend(&self) -> &Arc<BlockBackend> {
+        &self.backend
     }
 }
 

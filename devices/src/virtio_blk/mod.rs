@@ -5,7 +5,6 @@
 
 pub mod config;
 pub mod device;
-pub mod error_policy;
 pub mod handler;
 pub mod inflight;
 pub mod request;
@@ -15,9 +14,9 @@ pub mod worker;
 /// Guest memory as both front ends map it.
 pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 
+pub use block::backend::{ErrorAction, ErrorOutcome, IoStatus};
 pub use config::BlkOptions;
 pub use device::{VirtioBlk, VirtioBlkConfig, VirtioBlkDeviceError};
-pub use error_policy::{ErrorAction, ErrorOutcome, IoStatus};
 pub use handler::{BlkHandlerError, BlkQueueCounters, BlkQueueHandler, IoErrorHook};
 pub use request::{BlkRequest, BlkRequestType, VirtioBlkError};
 pub use worker::{QueueWorker, QueueWorkerConfig, WorkerCounters};

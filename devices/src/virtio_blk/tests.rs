@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use block::BlockGraph;
+use block::{BackendOptions, BlockBackend, BlockGraph};
 use proptest::prelude::*;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -37,10 +37,10 @@ fn rig(extra: &str, opts: BlkOptions) -> Rig {
         img.path().display()
     );
     let node = graph.add(&qapi::parse_blockdev(&arg).unwrap()).unwrap();
-    let queue = node.open_queue().unwrap();
     let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+    let backend = Arc::new(BlockBackend::new("test", node, opts.backend_options()));
     Rig {
-        handler: BlkQueueHandler::new(node, queue, &opts),
+        handler: BlkQueueHandler::new(backend, &opts).unwrap(),
         mem,
         _graph: graph,
         _img: img,
@@ -393,10 +393,14 @@ fn a_large_batch_is_announced_every_submit_chunk_when_the_node_finishes_inline()
         .add(&qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap())
         .unwrap();
     let mut handler = BlkQueueHandler::new(
-        node.clone(),
-        node.open_queue().unwrap(),
+        Arc::new(BlockBackend::new(
+            "test",
+            node.clone(),
+            BackendOptions::default(),
+        )),
         &BlkOptions::default(),
-    );
+    )
+    .unwrap();
     let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
     let mq = MockSplitQueue::new(mem.as_ref(), 64);
     let chains = 2 * super::handler::SUBMIT_CHUNK;
@@ -446,10 +450,14 @@ fn a_driver_refilling_as_fast_as_chunks_complete_gets_one_ring_per_call() {
         .add(&qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap())
         .unwrap();
     let mut handler = BlkQueueHandler::new(
-        node.clone(),
-        node.open_queue().unwrap(),
+        Arc::new(BlockBackend::new(
+            "test",
+            node.clone(),
+            BackendOptions::default(),
+        )),
         &BlkOptions::default(),
-    );
+    )
+    .unwrap();
     let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
     // A flush chain (header, status) in descriptors 2i, 2i+1 (mod the
     // table), made available at the ring's index modulo its size.

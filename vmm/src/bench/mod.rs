@@ -180,7 +180,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Progress::On => true,
         Progress::Off => false,
     };
-    let mut queue = node.open_queue()?;
+    // As a device would: through a BlockBackend (the one request check,
+    // the user's statistics), as `qemu-img bench` goes through QEMU's.
+    let backend = block::BlockBackend::new("bench", node.clone(), block::BackendOptions::default());
+    let mut queue = backend.open_queue()?;
     let modes = args.buffers.modes();
     let mut runs: Vec<Vec<report::Report>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 0..args.rounds as usize {
@@ -199,7 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 poll_max_ns: args.poll_max_ns,
                 progress,
             };
-            let result = job::run(queue.as_mut(), graph.registrar(), &spec)?;
+            let result = job::run(&mut queue, graph.registrar(), &spec)?;
             runs[i].push(report::Report::new(&name, node.driver(), &spec, &result));
         }
     }

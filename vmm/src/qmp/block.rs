@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use block::throttle::{apply_limits, Bucket, BucketLimit, ThrottleConfig, ThrottleGroup};
-use block::{BlockError, BlockGraph, BlockNode};
+use block::{BlockBackend, BlockError, BlockGraph, BlockNode, NodeStatsSnapshot};
 use qapi::qmp::{
     BlockResizeArgs, BlockSetIoThrottleArgs, BlockdevDelArgs, QomGetArgs, QueryBlockstatsArgs,
     QueryNamedBlockNodesArgs,
@@ -102,7 +102,12 @@ pub fn node_info(n: &dyn BlockNode) -> Value {
 
 /// QEMU's `BlockDeviceStats` of one node.
 pub fn node_stats(n: &dyn BlockNode) -> Value {
-    let s = n.stats().snapshot();
+    device_stats(&n.stats().snapshot())
+}
+
+/// QEMU's `BlockDeviceStats` from a snapshot of a node's or a user's
+/// counters.
+fn device_stats(s: &NodeStatsSnapshot) -> Value {
     json!({
         "rd_bytes": s.read.bytes,
         "wr_bytes": s.write.bytes + s.write_zeroes.bytes,
@@ -175,24 +180,43 @@ pub fn query_named_block_nodes(
     Ok(Value::Array(nodes))
 }
 
-/// `query-blockstats [query-nodes]`. Without `query-nodes`, one entry per
-/// attached user (device or export), `qdev` naming it.
-pub fn query_blockstats(graph: &BlockGraph, a: &Map<String, Value>) -> Result<Value, QmpError> {
+/// `query-blockstats [query-nodes]`. With `query-nodes`, one entry per
+/// node, its own counters. Without it, one entry per user of the graph in
+/// `users` (device or export, `qdev` naming it): the user's own counters
+/// from its [`BlockBackend`], with its node's file child as `parent`, as
+/// QEMU reports a BlockBackend.
+pub fn query_blockstats(
+    graph: &BlockGraph,
+    users: &[(String, Arc<BlockBackend>)],
+    a: &Map<String, Value>,
+) -> Result<Value, QmpError> {
     let a: QueryBlockstatsArgs = args(a)?;
-    let mut out = Vec::new();
-    for (name, n) in graph.nodes() {
-        if a.query_nodes {
-            out.push(block_stats(n.as_ref()));
-            continue;
-        }
-        for user in graph.users(name) {
-            let mut v = block_stats(n.as_ref());
-            v["device"] = json!("");
-            v["qdev"] = json!(user);
-            out.push(v);
-        }
+    if a.query_nodes {
+        return Ok(graph
+            .nodes()
+            .map(|(_, n)| block_stats(n.as_ref()))
+            .collect());
     }
-    Ok(Value::Array(out))
+    Ok(users
+        .iter()
+        .map(|(qdev, b)| backend_stats(qdev, b))
+        .collect())
+}
+
+/// `BlockStats` of one user: its own counters, its root node's name, and
+/// the root's file child as `parent`.
+pub fn backend_stats(qdev: &str, b: &BlockBackend) -> Value {
+    let node = b.node();
+    let mut v = json!({
+        "device": "",
+        "qdev": qdev,
+        "node-name": node.node_name(),
+        "stats": device_stats(&b.stats().snapshot()),
+    });
+    if let Some(c) = node.children().first() {
+        v["parent"] = block_stats(c.as_ref());
+    }
+    v
 }
 
 /// `blockdev-add`: the same typed schema as `--blockdev`.

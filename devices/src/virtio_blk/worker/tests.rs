@@ -12,6 +12,7 @@ use super::*;
 use crate::iothread::{IoThread, IoThreadConfig};
 use crate::virtio::testutil::{push_read, ring, used_idx, wait_for, BlkRig, TestRing, QSIZE};
 use crate::virtio_blk::BlkOptions;
+use block::{BackendOptions, BlockBackend};
 
 /// Records what the worker raised.
 #[derive(Default)]
@@ -46,10 +47,14 @@ fn worker(
         .add(&qapi::parse_blockdev(&format!("file,filename={}", rig.img.path().display())).unwrap())
         .unwrap();
     let handler = BlkQueueHandler::new(
-        node.clone(),
-        node.open_queue().unwrap(),
+        Arc::new(BlockBackend::new(
+            "test",
+            node.clone(),
+            BackendOptions::default(),
+        )),
         &BlkOptions::default(),
-    );
+    )
+    .unwrap();
     let mut queue = Queue::new(QSIZE).unwrap();
     queue.set_size(QSIZE);
     queue

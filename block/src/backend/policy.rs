@@ -1,5 +1,6 @@
-//! What a virtio-blk device (or export) does when its node fails a
-//! request with a host error: QEMU's `werror`/`rerror` (BlockdevOnError).
+//! What a user (a virtio-blk device, an export) does when its node fails
+//! a request with a host error: QEMU's `werror`/`rerror`
+//! (BlockdevOnError), decided by its [`BlockBackend`](super::BlockBackend).
 //!
 //! - `report`: the guest gets VIRTIO_BLK_S_IOERR (the default for reads);
 //! - `ignore`: the guest is told the request succeeded;
@@ -16,7 +17,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use block::{RequestError, RequestOp};
+use crate::request::{RequestError, RequestOp};
 use vmm_sys_util::eventfd::EventFd;
 
 /// One of QEMU's `BlockdevOnError` actions.
