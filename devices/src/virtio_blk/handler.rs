@@ -579,6 +579,17 @@ impl BlkQueueHandler {
                 self.slots[idx].pending += 1;
                 Ok(())
             }
+            Err(e) if matches!(e.error, RequestError::Os(_)) => {
+                // A host error at submission (an NBD node whose server
+                // went away) follows werror/rerror as one at completion
+                // does: it is completed through the queue.
+                self.queue.complete_now(Completion {
+                    result: Err(e.error),
+                    request: e.request,
+                });
+                self.slots[idx].pending += 1;
+                Ok(())
+            }
             Err(mut e) => {
                 self.iovecs.give(e.request.take_iovecs());
                 Err(match e.error {
