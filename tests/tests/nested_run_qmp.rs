@@ -13,7 +13,13 @@
 //!    node, then `STOP`; `query-block` shows `io-status: nospace`. L1
 //!    makes room (the tmpfs grows), `cont`: `RESUME`, the kept write goes
 //!    through, and L2 reads back what it wrote.
-//! 3. `system_powerdown`: the GED interrupt, the power button's
+//! 3. `rerror` on reads the host fails: two disks on `nbd` nodes whose
+//!    server (a `blkvm storage-daemon` in L1) is killed once L2 is up, so
+//!    their reads fail with EIO. `rerror=report` hands L2 the error (its
+//!    `dd` fails); `rerror=ignore` completes the read (its `dd`
+//!    succeeds); QMP sees `BLOCK_IO_ERROR` with `action: report` and
+//!    `action: ignore` naming each device.
+//! 4. `system_powerdown`: the GED interrupt, the power button's
 //!    notification, KEY_POWER, busybox `acpid` in L2 runs `poweroff`:
 //!    POWERDOWN, then SHUTDOWN (guest, guest-shutdown), and blkvm exits 0.
 
@@ -30,6 +36,8 @@ for d in /sys/block/vd*; do
     case $(cat "$d/size") in
         131072) resized=${d##*/} ;;
         32768) full=${d##*/} ;;
+        16384) rep=${d##*/} ;;
+        8192) ign=${d##*/} ;;
     esac
 done
 result disk.size.before "$(cat /sys/block/$resized/size)"
@@ -51,6 +59,16 @@ fi
 want=$(md5sum < /tmp/pattern)
 got=$(dd if=/dev/$full bs=1M count=4 iflag=direct 2>/dev/null | md5sum)
 if [ "$want" = "$got" ]; then result full.data same; else result full.data differs; fi
+if dd if=/dev/$rep of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; then
+    result rerror.report ok
+else
+    result rerror.report failed
+fi
+if dd if=/dev/$ign of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; then
+    result rerror.ignore ok
+else
+    result rerror.ignore failed
+fi
 await_power_button
 "#;
 
@@ -64,6 +82,15 @@ mkdir /tmp/full
 mount -t tmpfs -o size=1m tmpfs /tmp/full
 truncate -s 16M /tmp/full/full.img
 sock=/tmp/qmp.sock
+blkvm storage-daemon \
+    --blockdev null-co,node-name=n8,size=8M,read-zeroes=on \
+    --blockdev null-co,node-name=n4,size=4M,read-zeroes=on \
+    --nbd-server addr.type=unix,addr.path=/tmp/nbd.sock \
+    --export type=nbd,id=e8,node-name=n8 \
+    --export type=nbd,id=e4,node-name=n4 >/tmp/nbd.log 2>&1 &
+nbd_pid=$!
+i=0
+until [ -S /tmp/nbd.sock ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
 { l2_boot \
     --object iothread,id=io0 \
     --blockdev "file,node-name=f0,filename=$img" \
@@ -71,8 +98,13 @@ sock=/tmp/qmp.sock
     --blockdev file,node-name=full0,filename=/tmp/full/full.img \
     --device virtio-blk-pci,id=disk0,drive=d0,iothread=io0 \
     --device virtio-blk-pci,id=full,drive=full0 \
+    --blockdev nbd,node-name=rep0,server.type=unix,server.path=/tmp/nbd.sock,export=n8,read-only=on \
+    --blockdev nbd,node-name=ign0,server.type=unix,server.path=/tmp/nbd.sock,export=n4,read-only=on \
+    --device virtio-blk-pci,id=rep,drive=rep0,rerror=report \
+    --device virtio-blk-pci,id=ign,drive=ign0,rerror=ignore \
     --qmp "unix:$sock,server=on,wait=off" || true; } | tee /tmp/l2.out &
 wait_line "L2| BLKVM-RESULT l2.ready" /tmp/l2.out
+kill $nbd_pid
 QMP_SEND_TIMEOUT=300 qmp-send "$sock" wait:BLOCK_IO_ERROR wait:STOP >/tmp/ioerr.out 2>&1 &
 wait_line '"return"' /tmp/ioerr.out
 qmp-send "$sock" \
@@ -83,9 +115,14 @@ wait_line '"STOP"' /tmp/ioerr.out
 result ioerr.event "$(grep BLOCK_IO_ERROR /tmp/ioerr.out)"
 result stop.event "$(grep -c '"STOP"' /tmp/ioerr.out)"
 qmp-send "$sock" '{"execute":"query-block"}' | sed 's/^/STOPPED| /'
+QMP_SEND_TIMEOUT=300 qmp-send "$sock" wait:SHUTDOWN >/tmp/rerr.out 2>&1 &
+rerr_pid=$!
+wait_line '"return"' /tmp/rerr.out
 mount -o remount,size=64m /tmp/full
 qmp-send "$sock" '{"execute":"cont"}' wait:RESUME | sed 's/^/QMP| /'
 wait_line "L2| BLKVM-RESULT l2.waiting" /tmp/l2.out
+kill $rerr_pid
+grep BLOCK_IO_ERROR /tmp/rerr.out | sed 's/^/RERR| /'
 qmp-send "$sock" '{"execute":"system_powerdown"}' wait:POWERDOWN wait:SHUTDOWN | sed 's/^/QMP| /'
 wait
 result image.size "$(stat -c %s "$img")"
@@ -167,6 +204,31 @@ fn check(out: &NestedOutput) -> Result<()> {
         ensure!(
             ioerr.contains(want),
             out.error(&format!("BLOCK_IO_ERROR lacks {want}: {ioerr}"))
+        );
+    }
+    // Reads the host failed: reported to L2 on one disk, hidden on the
+    // other, and each told to QMP with its action.
+    ensure!(
+        out.l2_result("rerror.report")? == "failed",
+        out.error("rerror=report did not hand L2 the read error")
+    );
+    ensure!(
+        out.l2_result("rerror.ignore")? == "ok",
+        out.error("rerror=ignore did not complete the read")
+    );
+    let rerr: Vec<&str> = out
+        .l1_lines()
+        .filter_map(|l| l.strip_prefix("RERR| "))
+        .collect();
+    for (qdev, action) in [("rep", "report"), ("ign", "ignore")] {
+        ensure!(
+            rerr.iter()
+                .any(|l| l.contains(&format!("\"qdev\":\"{qdev}\""))
+                    && l.contains(&format!("\"action\":\"{action}\""))
+                    && l.contains("\"operation\":\"read\"")),
+            out.error(&format!(
+                "no BLOCK_IO_ERROR for {qdev} with action {action}"
+            ))
         );
     }
     // The power button: acpid in L2 ran its action, the script never got
