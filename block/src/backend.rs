@@ -152,10 +152,9 @@ pub struct BackendQueue {
 }
 
 impl BackendQueue {
-    fn record(&self, done: &[Completion]) {
+    fn record(&self, done: &mut [Completion]) {
         for c in done {
-            self.stats
-                .record(c.request.op(), c.request.start, &c.result);
+            self.stats.record_completion(c);
         }
     }
 }
@@ -163,6 +162,8 @@ impl BackendQueue {
 impl NodeQueue for BackendQueue {
     fn submit(&mut self, mut req: Request) -> Result<(), SubmitError> {
         req.stamp();
+        // A request sent again (kept by `stop`) is timed to its new end.
+        req.finished = None;
         if let Err(error) = check_request(&req, self.read_only, self.node.capacity()) {
             self.stats.record(req.op(), req.start, &Err(error));
             return Err(SubmitError {
@@ -193,7 +194,7 @@ impl NodeQueue for BackendQueue {
     fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
         let start = out.len();
         let n = self.inner.poll_completions(out);
-        self.record(&out[start..]);
+        self.record(&mut out[start..]);
         n
     }
 
@@ -208,7 +209,7 @@ impl NodeQueue for BackendQueue {
     fn wait_completions(&mut self, min: usize, out: &mut Vec<Completion>) -> usize {
         let start = out.len();
         let n = self.inner.wait_completions(min, out);
-        self.record(&out[start..]);
+        self.record(&mut out[start..]);
         n
     }
 }

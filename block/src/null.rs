@@ -215,9 +215,8 @@ impl NodeQueue for NullQueue {
             // waiting: a poller that reaps first makes no system call.
             clear_eventfd(&self.eventfd);
         }
-        for c in &out[start..] {
-            self.stats
-                .record(c.request.op(), c.request.start, &c.result);
+        for c in &mut out[start..] {
+            self.stats.record_completion(c);
         }
         out.len() - start
     }

@@ -198,8 +198,7 @@ impl RawQueue {
     fn fixup(&self, done: &mut [Completion]) {
         for c in done {
             c.request.unshift(self.offset);
-            self.stats
-                .record(c.request.op(), c.request.start, &c.result);
+            self.stats.record_completion(c);
         }
     }
 }

@@ -104,6 +104,9 @@ pub struct Request {
     /// Caller's tag, returned untouched in the completion.
     pub user_data: u64,
     pub(crate) start: Option<Instant>,
+    /// When the innermost node finished it: every layer's statistics
+    /// measure the latency up to this one reading of the clock.
+    pub(crate) finished: Option<Instant>,
     /// Read-only and range were checked where the request entered the
     /// graph (its [`BlockBackend`](crate::backend::BlockBackend), or the
     /// first node): the nodes below do not check again.
@@ -125,6 +128,7 @@ impl Request {
             iovecs,
             user_data: 0,
             start: None,
+            finished: None,
             checked: false,
         }
     }

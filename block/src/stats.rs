@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::request::{RequestError, RequestOp};
+use crate::request::{Completion, RequestError, RequestOp};
 
 /// Number of latency buckets: bucket `i` counts latencies in `[2^i, 2^(i+1))` ns.
 pub const LATENCY_BUCKETS: usize = 40;
@@ -139,6 +139,24 @@ impl NodeStats {
         self.op(op).record(bytes, ok, ns);
     }
 
+    /// Record one finished request: its latency runs from its start to
+    /// when the innermost node finished it, read from the clock once
+    /// (here, by the first node to record it) for every layer.
+    pub fn record_completion(&self, c: &mut Completion) {
+        let ns = match c.request.start {
+            Some(s) => {
+                let end = *c.request.finished.get_or_insert_with(Instant::now);
+                end.saturating_duration_since(s).as_nanos() as u64
+            }
+            None => 0,
+        };
+        let (bytes, ok) = match c.result {
+            Ok(b) => (b, true),
+            Err(_) => (0, false),
+        };
+        self.op(c.request.op()).record(bytes, ok, ns);
+    }
+
     /// Count a memory region a queue could not register or map.
     pub fn count_region_map_failure(&self) {
         self.region_map_failures.fetch_add(1, Ordering::Relaxed);
@@ -183,6 +201,26 @@ mod tests {
         assert_eq!(snap.read.bytes, 4096);
         assert_eq!(snap.read.errors, 1);
         assert_eq!(snap.write.ops, 0);
+    }
+
+    #[test]
+    fn every_layer_times_a_completion_to_the_same_end() {
+        let (inner, outer) = (NodeStats::default(), NodeStats::default());
+        let mut req = crate::Request::flush();
+        req.stamp();
+        let mut c = Completion {
+            request: req,
+            result: Ok(0),
+        };
+        inner.record_completion(&mut c);
+        let end = c.request.finished.expect("the first layer reads the clock");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        outer.record_completion(&mut c);
+        assert_eq!(c.request.finished, Some(end));
+        let (i, o) = (inner.snapshot().flush, outer.snapshot().flush);
+        assert_eq!((i.ops, o.ops), (1, 1));
+        assert_eq!(i.total_ns, o.total_ns, "the outer layer's wait is not counted");
+        assert!(i.total_ns < 2_000_000);
     }
 
     #[test]

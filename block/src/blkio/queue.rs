@@ -191,10 +191,9 @@ impl BlkioQueue {
         self.spill = spill;
     }
 
-    fn record(&self, done: &[Completion]) {
+    fn record(&self, done: &mut [Completion]) {
         for c in done {
-            self.stats
-                .record(c.request.op(), c.request.start, &c.result);
+            self.stats.record_completion(c);
         }
     }
 
@@ -270,7 +269,7 @@ impl NodeQueue for BlkioQueue {
         clear_eventfd(&self.eventfd);
         let _ = self.run_io(out, false);
         self.drain_local(out);
-        self.record(&out[start..]);
+        self.record(&mut out[start..]);
         out.len() - start
     }
 
@@ -302,7 +301,7 @@ impl NodeQueue for BlkioQueue {
                 }
             }
         }
-        self.record(&out[start..]);
+        self.record(&mut out[start..]);
         out.len() - start
     }
 }

@@ -184,10 +184,8 @@ impl NodeQueue for ThreadsQueue {
         let start = out.len();
         self.local.drain_into(out);
         self.pool.drain_into(out);
-        for c in &out[start..] {
-            self.ctx
-                .stats
-                .record(c.request.op(), c.request.start, &c.result);
+        for c in &mut out[start..] {
+            self.ctx.stats.record_completion(c);
         }
         let n = out.len() - start;
         self.in_flight -= n;

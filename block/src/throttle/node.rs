@@ -314,9 +314,8 @@ impl NodeQueue for ThrottleQueue {
             self.local.drain_into(out);
         }
         self.child.poll_completions(out);
-        for c in &out[start..] {
-            self.stats
-                .record(c.request.op(), c.request.start, &c.result);
+        for c in &mut out[start..] {
+            self.stats.record_completion(c);
         }
         out.len() - start
     }
@@ -335,9 +334,8 @@ impl NodeQueue for ThrottleQueue {
             // io_uring child submits and sleeps in one system call).
             let start = out.len();
             let got = self.child.wait_completions(min, out);
-            for c in &out[start..] {
-                self.stats
-                    .record(c.request.op(), c.request.start, &c.result);
+            for c in &mut out[start..] {
+                self.stats.record_completion(c);
             }
             return got;
         }

@@ -552,10 +552,8 @@ impl NodeQueue for NbdQueue {
     fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
         let start = out.len();
         self.run(out);
-        for c in &out[start..] {
-            self.shared
-                .stats
-                .record(c.request.op(), c.request.start, &c.result);
+        for c in &mut out[start..] {
+            self.shared.stats.record_completion(c);
         }
         out.len() - start
     }
