@@ -14,8 +14,15 @@
 # fuzz/artifacts/TARGET/, prints the target's own report of it, and makes
 # the script exit non-zero (with `all`, after the other targets ran).
 #
-# Environment: FUZZ_SANITIZER (default: address; `none` for speed),
-# FUZZ_ARGS (extra libFuzzer flags).
+# Environment: FUZZ_SANITIZER (default: address with the nightly
+# toolchain, none without it), FUZZ_ARGS (extra libFuzzer flags),
+# FUZZ_TOOLCHAIN=stable (build with stable even where nightly is).
+#
+# With the nightly toolchain the targets build as cargo-fuzz expects. A
+# machine with only stable Rust (CI's: no other toolchain can be fetched
+# there) builds them with stable and RUSTC_BOOTSTRAP=1, without a
+# sanitizer: libFuzzer's coverage instrumentation needs only stable
+# codegen flags, and a panic is still a crash.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -28,17 +35,20 @@ target=$1
 seconds=$2
 [[ $seconds =~ ^[0-9]+$ ]] || usage
 
-sanitizer=${FUZZ_SANITIZER:-address}
-
-# A fresh machine may have neither the nightly toolchain nor cargo-fuzz.
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    rustup toolchain install nightly --profile minimal
+if [ "${FUZZ_TOOLCHAIN:-}" != stable ] && rustup run nightly rustc --version >/dev/null 2>&1; then
+    toolchain=+nightly
+    sanitizer=${FUZZ_SANITIZER:-address}
+else
+    echo "no nightly toolchain: fuzzing with stable Rust (RUSTC_BOOTSTRAP=1), no sanitizer" >&2
+    toolchain=+stable
+    export RUSTC_BOOTSTRAP=1
+    sanitizer=${FUZZ_SANITIZER:-none}
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-targets=$(cargo +nightly fuzz list)
+targets=$(cargo $toolchain fuzz list)
 if [ "$target" = all ]; then
     run_targets=$targets
 elif grep -qx -- "$target" <<<"$targets"; then
@@ -50,7 +60,7 @@ else
 fi
 
 echo "building the fuzz targets (sanitizer: $sanitizer)" >&2
-cargo +nightly fuzz build -s "$sanitizer" $([ "$target" = all ] || echo "$target") >&2
+cargo $toolchain fuzz build -s "$sanitizer" $([ "$target" = all ] || echo "$target") >&2
 
 logs=target/fuzz-logs
 mkdir -p "$logs"
@@ -63,7 +73,7 @@ for t in $run_targets; do
     # The targets log what they refuse on stderr: keep libFuzzer's own
     # output (close_fd_mask=2 closes only the target's stderr).
     status=0
-    cargo +nightly fuzz run -s "$sanitizer" "$t" "$work" "$seeds" -- \
+    cargo $toolchain fuzz run -s "$sanitizer" "$t" "$work" "$seeds" -- \
         -max_total_time="$seconds" -timeout=20 -close_fd_mask=2 \
         -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1 || status=$?
     done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
@@ -88,7 +98,7 @@ for t in $run_targets; do
             echo "  input: $artifact; the target's report of it:" >&2
             # Once more without closing stderr, for the panic message (a
             # hang is cut short).
-            timeout 120 cargo +nightly fuzz run -s "$sanitizer" "$t" "$artifact" \
+            timeout 120 cargo $toolchain fuzz run -s "$sanitizer" "$t" "$artifact" \
                 -- -timeout=20 2>&1 |
                 grep -vE '^(INFO|MERGE|#)' | head -n 40 | sed 's/^/    /' >&2 || true
         else

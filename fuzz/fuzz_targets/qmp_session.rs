@@ -93,7 +93,7 @@ impl Monitor for FuzzMonitor {
                 Ok(json!([{"type": "vhost-user-blk", "id": "e0", "node-name": NODE}]))
             }
             "query-named-block-nodes" => qmp::block::query_named_block_nodes(&self.graph(), a),
-            "query-blockstats" => qmp::block::query_blockstats(&self.graph(), a),
+            "query-blockstats" => qmp::block::query_blockstats(&self.graph(), &[], a),
             "blockdev-add" => {
                 if let Ok(o) = qapi::blockdev_from_json(&Value::Object(a.clone())) {
                     if !harmless(&o) {

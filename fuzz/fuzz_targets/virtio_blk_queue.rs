@@ -21,7 +21,8 @@ fuzz_target!(|data: &[u8]| {
     let node = graph
         .add(&qapi::parse_blockdev("null-co,size=1M,read-zeroes=on,discard=unmap").unwrap())
         .unwrap();
-    let mut handler = BlkQueueHandler::new(node.clone(), node.open_queue().unwrap(), &BlkOptions::default());
+    let backend = block::BlockBackend::new("fuzz", node, block::BackendOptions::default());
+    let mut handler = BlkQueueHandler::new(Arc::new(backend), &BlkOptions::default()).unwrap();
     let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap());
     let mq = MockSplitQueue::new(mem.as_ref(), QSIZE);
     let mut q: Queue = mq.create_queue().unwrap();
