@@ -16,7 +16,8 @@
 #
 # Environment: FUZZ_SANITIZER (default: address with the nightly
 # toolchain, none without it), FUZZ_ARGS (extra libFuzzer flags),
-# FUZZ_TOOLCHAIN=stable (build with stable even where nightly is).
+# FUZZ_TOOLCHAIN=stable (build with the default toolchain even where
+# nightly is).
 #
 # With the nightly toolchain the targets build as cargo-fuzz expects. A
 # machine with only stable Rust (CI's: no other toolchain can be fetched
@@ -39,8 +40,8 @@ if [ "${FUZZ_TOOLCHAIN:-}" != stable ] && rustup run nightly rustc --version >/d
     toolchain=+nightly
     sanitizer=${FUZZ_SANITIZER:-address}
 else
-    echo "no nightly toolchain: fuzzing with stable Rust (RUSTC_BOOTSTRAP=1), no sanitizer" >&2
-    toolchain=+stable
+    echo "no nightly toolchain: fuzzing with the default one (RUSTC_BOOTSTRAP=1), no sanitizer" >&2
+    toolchain=
     export RUSTC_BOOTSTRAP=1
     sanitizer=${FUZZ_SANITIZER:-none}
 fi
