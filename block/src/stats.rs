@@ -219,7 +219,10 @@ mod tests {
         assert_eq!(c.request.finished, Some(end));
         let (i, o) = (inner.snapshot().flush, outer.snapshot().flush);
         assert_eq!((i.ops, o.ops), (1, 1));
-        assert_eq!(i.total_ns, o.total_ns, "the outer layer's wait is not counted");
+        assert_eq!(
+            i.total_ns, o.total_ns,
+            "the outer layer's wait is not counted"
+        );
         assert!(i.total_ns < 2_000_000);
     }
 

@@ -184,6 +184,7 @@ impl IoThread {
         let handle = std::thread::Builder::new()
             .name(format!("iothread-{id}"))
             .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::IoThread);
                 // SAFETY: gettid has no preconditions.
                 t.store(unsafe { libc::gettid() }, Ordering::Relaxed);
                 lp.run();

@@ -265,7 +265,10 @@ impl NbdServer {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(&s, listener))?;
+            .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::NbdServer);
+                accept_loop(&s, listener)
+            })?;
         Ok(NbdServer {
             shared,
             addr,
@@ -375,6 +378,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
             .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::NbdServer);
                 if !serve(&s, stream) {
                     s.count.fetch_sub(1, Ordering::SeqCst);
                 }

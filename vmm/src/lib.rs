@@ -6,4 +6,5 @@
 
 pub mod attach;
 pub mod qmp;
+pub mod sandbox;
 pub mod vm;

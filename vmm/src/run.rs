@@ -23,7 +23,7 @@ use vmm::vm::{pvm, SerialOutput, Vm, VmConfig};
 
 use crate::qmp::{Events, QmpServer};
 use crate::run_qmp::VmMonitor;
-use crate::startup::{self, MonitorArgs};
+use crate::startup::{self, MonitorArgs, SandboxArgs};
 
 /// The default kernel command line: serial console, reboot through the
 /// i8042 (which ends the VM), no reboot loop after a panic.
@@ -64,6 +64,8 @@ pub struct RunArgs {
     serial: String,
     #[command(flatten)]
     monitor: MonitorArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOutput> {
@@ -78,6 +80,8 @@ fn parse_serial(s: &str) -> Result<SerialOutput> {
 
 /// Runs the VM until the guest powers off or resets, or the VM fails.
 pub fn run(args: RunArgs) -> Result<()> {
+    // Before any thread starts: each enters its own filter.
+    args.sandbox.install(vmm::sandbox::Profile::Run)?;
     let memory =
         qapi::parse_size(&args.memory).with_context(|| format!("--memory {}", args.memory))?;
     let serial = parse_serial(&args.serial)?;
@@ -132,6 +136,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             servers.push(QmpServer::start(a, monitor.clone(), events.clone())?);
         }
     }
+    sandbox::enter(sandbox::ThreadKind::Main);
     let reason = running.wait();
     let shutdown = match &reason {
         VmExitReason::PowerOff => Some((true, "guest-shutdown")),

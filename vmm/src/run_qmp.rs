@@ -118,6 +118,7 @@ impl VmMonitor {
                     // (pausing waits for the vCPUs to park).
                     let (ctl, ev) = (ctl.clone(), ev.clone());
                     std::thread::spawn(move || {
+                        sandbox::enter(sandbox::ThreadKind::VmControl);
                         if let Ok(true) = ctl.pause() {
                             ev.emit("STOP", None);
                         }

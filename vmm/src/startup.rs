@@ -52,6 +52,40 @@ impl MonitorArgs {
     }
 }
 
+/// `--sandbox on|off`, shared by the long-running commands.
+#[derive(Args, Debug)]
+pub struct SandboxArgs {
+    /// Confine each thread with a seccomp filter of the system calls its
+    /// job needs (`on`, the default), or not (`off`).
+    #[arg(
+        long = "sandbox",
+        value_name = "on|off",
+        default_value = "on",
+        value_parser = parse_on_off,
+        action = clap::ArgAction::Set
+    )]
+    enabled: bool,
+}
+
+impl SandboxArgs {
+    /// Compiles and installs the filters, when on; before any thread
+    /// starts.
+    pub fn install(&self, profile: vmm::sandbox::Profile) -> Result<()> {
+        if self.enabled {
+            vmm::sandbox::install(profile).context("--sandbox on")?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected 'on' or 'off', not '{s}'")),
+    }
+}
+
 /// A graph of the `--blockdev` nodes, in order, that may use the TLS
 /// credentials (`tls-creds=ID`) and throttle groups of `objects`; also
 /// returns the name of the last node.

@@ -23,7 +23,7 @@ use serde_json::{json, Map, Value};
 
 use crate::qmp::{self, Events, Monitor, QmpError, QmpServer};
 use crate::signals;
-use crate::startup::{self, MonitorArgs};
+use crate::startup::{self, MonitorArgs, SandboxArgs};
 
 /// `blkvm storage-daemon` arguments.
 #[derive(Args, Debug)]
@@ -46,6 +46,8 @@ pub struct StorageDaemonArgs {
     nbd_server: Option<String>,
     #[command(flatten)]
     monitor: MonitorArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
     /// Write the daemon's pid to this file once every export listens.
     #[arg(long)]
     pidfile: Option<PathBuf>,
@@ -109,6 +111,7 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
     // Before any thread exists, so every thread inherits the mask and the
     // signals are taken only by `wait`.
     let signals = signals::block_termination()?;
+    args.sandbox.install(vmm::sandbox::Profile::StorageDaemon)?;
     let qmp_addrs = args.monitor.addresses()?;
     let objects = startup::objects(&args.objects)?;
     let (graph, _) = startup::open_blockdevs(&args.blockdevs, &objects)?;
@@ -158,13 +161,17 @@ pub fn run(args: StorageDaemonArgs) -> Result<()> {
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || match signals.wait() {
-            Ok(sig) => {
-                let _ = tx.send(Control::Signal(sig));
+        .spawn(move || {
+            sandbox::enter(sandbox::ThreadKind::Signals);
+            match signals.wait() {
+                Ok(sig) => {
+                    let _ = tx.send(Control::Signal(sig));
+                }
+                Err(e) => eprintln!("blkvm storage-daemon: {e:#}"),
             }
-            Err(e) => eprintln!("blkvm storage-daemon: {e:#}"),
         })
         .context("could not start the signal thread")?;
+    sandbox::enter(sandbox::ThreadKind::Main);
     let reason = match rx.recv() {
         Ok(Control::Signal(sig)) => {
             eprintln!("blkvm storage-daemon: {sig}: completing in-flight requests and exiting");

@@ -53,7 +53,10 @@ impl WorkerPool {
             let s = shared.clone();
             let h = std::thread::Builder::new()
                 .name(format!("file-worker-{i}"))
-                .spawn(move || worker(&s))
+                .spawn(move || {
+                    sandbox::enter(sandbox::ThreadKind::FileWorker);
+                    worker(&s)
+                })
                 .map_err(|source| BlockError::Os {
                     what: "spawn a file worker thread".into(),
                     source,

@@ -333,7 +333,10 @@ impl VhostUserBlk {
             let (shared, stop, kicks) = (shared.clone(), stop.clone(), kicks.clone());
             std::thread::Builder::new()
                 .name(format!("{}-vu", shared.opts.id))
-                .spawn(move || control_thread(&shared, &stop, &kicks))
+                .spawn(move || {
+                    sandbox::enter(sandbox::ThreadKind::VhostUserFrontend);
+                    control_thread(&shared, &stop, &kicks)
+                })
                 .map_err(VhostUserBlkDeviceError::Host)?
         };
         Ok(VhostUserBlk {

@@ -176,7 +176,10 @@ impl VhostUserBlkExport {
             .map_err(|e| VhostUserBlkError::Listen(cfg.path.clone(), e))?;
         let thread = std::thread::Builder::new()
             .name(format!("export-{}", shared.id))
-            .spawn(move || serve(&s, &listener))
+            .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::Export);
+                serve(&s, &listener)
+            })
             .map_err(VhostUserBlkError::Thread)?;
         Ok(VhostUserBlkExport {
             shared,

@@ -289,6 +289,7 @@ impl QmpServer {
         let accept = std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::Monitor);
                 for conn in listener.incoming() {
                     if t_stop.load(Ordering::SeqCst) {
                         break;
@@ -371,11 +372,15 @@ fn spawn_client(stream: UnixStream, monitor: Arc<dyn Monitor>, events: Events) -
     w_stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let writer = std::thread::Builder::new()
         .name("qmp-writer".into())
-        .spawn(move || write_loop(w_stream, rx))?;
+        .spawn(move || {
+            sandbox::enter(sandbox::ThreadKind::Monitor);
+            write_loop(w_stream, rx)
+        })?;
     let r_stream = stream.try_clone()?;
     let reader = std::thread::Builder::new()
         .name("qmp-client".into())
         .spawn(move || {
+            sandbox::enter(sandbox::ThreadKind::Monitor);
             let mut session = Session::new(monitor, events, tx);
             session.run(r_stream);
             // The event list may still hold a sender: tell the writer.

@@ -134,6 +134,7 @@ pub fn forward_input<R: Read + Send + 'static>(
     std::thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
+            sandbox::enter(sandbox::ThreadKind::SerialInput);
             let mut buf = [0u8; 64];
             loop {
                 let n = match input.read(&mut buf) {

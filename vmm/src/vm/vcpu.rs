@@ -310,6 +310,7 @@ impl VcpuThread {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::Vcpu);
                 let reason = run_loop(id, &mut vcpu, &ctx);
                 ctx.pause.ended();
                 if let Some(reason) = reason {

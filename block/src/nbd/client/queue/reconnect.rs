@@ -76,7 +76,10 @@ impl NbdQueue {
         let eventfd = self.eventfd.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-reconnect".into())
-            .spawn(move || reconnect_loop(&shared, &reconnect, &eventfd));
+            .spawn(move || {
+                sandbox::enter(sandbox::ThreadKind::NbdReconnect);
+                reconnect_loop(&shared, &reconnect, &eventfd)
+            });
         if let Err(e) = spawned {
             eprintln!("nbd: cannot start a reconnect thread: {e}");
         }
