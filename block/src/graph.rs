@@ -25,8 +25,8 @@ use crate::BlockError;
 /// Longest node name QEMU accepts.
 const MAX_NAME_LEN: usize = 31;
 
-struct Entry {
-    node: Arc<dyn BlockNode>,
+pub(crate) struct Entry {
+    pub(crate) node: Arc<dyn BlockNode>,
     /// Nodes that have this one as a child.
     parents: Vec<String>,
     /// Devices, exports and tools attached to this node.
@@ -48,8 +48,8 @@ pub struct BlockGraph {
 }
 
 /// Nodes opened by one `add`, inserted only when all of them opened.
-struct Pending {
-    entries: Vec<(String, Entry)>,
+pub(crate) struct Pending {
+    pub(crate) entries: Vec<(String, Entry)>,
     /// Existing nodes that gain a parent: (child, parent).
     links: Vec<(String, String)>,
 }
@@ -129,7 +129,7 @@ impl BlockGraph {
 
     /// A format or filter node's child: an existing node (which gains a
     /// parent) or one opened inline (read-only if the parent is).
-    fn child(
+    pub(crate) fn child(
         &mut self,
         r: &BlockdevRef,
         parent: &str,
@@ -153,7 +153,7 @@ impl BlockGraph {
         }
     }
 
-    fn open(
+    pub(crate) fn open(
         &mut self,
         opts: &BlockdevOptions,
         implicit: bool,
@@ -197,6 +197,9 @@ impl BlockGraph {
             BlockdevDriver::Nbd(o) => {
                 let creds = o.tls_creds.as_ref().and_then(|id| self.tls_creds.get(id));
                 Arc::new(NbdNode::open(name.clone(), common, o, creds)?)
+            }
+            BlockdevDriver::Qcow2(q) => {
+                self.open_qcow2(&name, common, q, pending, &mut children)?
             }
         };
         for child in children {

@@ -8,7 +8,8 @@
 //! - [`backend`]: [`BlockBackend`], a user's attachment to its root node
 //!   (the request check, per-user stats, the error policy);
 //! - [`graph`]: [`BlockGraph`], names, children, users;
-//! - drivers: [`file`] (threads and io_uring engines), [`raw`], [`null`];
+//! - drivers: [`file`] (threads and io_uring engines), [`raw`], [`null`],
+//!   [`qcow2`];
 //! - [`memory`]: the RAM registrar; [`bounce`]: per-queue bounce pools;
 //! - [`limits`], [`stats`]; system calls live in `sys` and the engines.
 
@@ -26,6 +27,7 @@ pub mod memory;
 pub mod nbd;
 pub mod node;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 pub mod request;
 pub mod stats;

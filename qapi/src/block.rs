@@ -131,6 +131,9 @@ pub enum BlockdevDriver {
     /// The throttle filter.
     #[serde(rename = "throttle")]
     Throttle(BlockdevOptionsThrottle),
+    /// The qcow2 format driver.
+    #[serde(rename = "qcow2")]
+    Qcow2(crate::qcow2::BlockdevOptionsQcow2),
 }
 
 impl BlockdevDriver {
@@ -147,6 +150,7 @@ impl BlockdevDriver {
             Self::VirtioBlkVfioPci(_) => "virtio-blk-vfio-pci",
             Self::Nbd(_) => "nbd",
             Self::Throttle(_) => "throttle",
+            Self::Qcow2(_) => "qcow2",
         }
     }
 }
@@ -328,4 +332,4 @@ mod parse;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use parse::blockdev_at;
+pub(crate) use parse::{blockdev_at, blockdev_ref_at};

@@ -26,6 +26,7 @@ mod error;
 pub mod export;
 pub mod keyval;
 pub mod object;
+pub mod qcow2;
 pub mod qmp;
 mod size;
 pub mod throttle;
@@ -35,6 +36,7 @@ use serde::de::DeserializeOwned;
 
 pub use block::*;
 pub use error::QapiError;
+pub use qcow2::{BlockdevOptionsQcow2, Qcow2Backing};
 pub use size::{parse_size, Size, SizeError};
 pub use value::Value;
 

@@ -44,6 +44,7 @@ enum DriverName {
     VirtioBlkVfioPci,
     Nbd,
     Throttle,
+    Qcow2,
 }
 
 /// Parses the `BlockdevOptions` at the dotted `path` (empty for the root).
@@ -60,13 +61,14 @@ pub(crate) fn blockdev_at(value: &Value, path: &str) -> Result<BlockdevOptions, 
         DriverName::VirtioBlkVfioPci => BlockdevDriver::VirtioBlkVfioPci(union.variant()?),
         DriverName::Nbd => BlockdevDriver::Nbd(union.variant()?),
         DriverName::Throttle => BlockdevDriver::Throttle(union.variant()?),
+        DriverName::Qcow2 => BlockdevDriver::Qcow2(union.variant()?),
     };
     let common = union.base()?;
     Ok(BlockdevOptions { common, driver })
 }
 
 /// Parses a `BlockdevRef`: a node name, or an inline definition.
-fn blockdev_ref_at(value: &Value, path: &str) -> Result<BlockdevRef, DeError> {
+pub(crate) fn blockdev_ref_at(value: &Value, path: &str) -> Result<BlockdevRef, DeError> {
     match value {
         Value::Keyval(name) | Value::String(name) => Ok(BlockdevRef::Reference(name.clone())),
         Value::Map(_) => blockdev_at(value, path).map(|o| BlockdevRef::Definition(Box::new(o))),
