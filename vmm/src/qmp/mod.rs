@@ -272,7 +272,10 @@ pub struct QmpServer {
 }
 
 struct Client {
-    stream: UnixStream,
+    /// The connection, for shutdown to stop the reader. The writer, which
+    /// ends last, closes it, so a finished session holds no fd until the
+    /// next client connects.
+    stream: Arc<Mutex<Option<UnixStream>>>,
     reader: Option<JoinHandle<()>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -337,14 +340,18 @@ impl QmpServer {
         for mut c in clients {
             // The reader stops when its socket is shut for reading; the
             // writer then drains its queue and ends.
-            let _ = c.stream.shutdown(std::net::Shutdown::Read);
+            if let Some(s) = lock_stream(&c.stream).as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Read);
+            }
             if let Some(t) = c.reader.take() {
                 let _ = t.join();
             }
             if let Some(t) = c.writer.take() {
                 let _ = t.join();
             }
-            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            if let Some(s) = lock_stream(&c.stream).take() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -370,13 +377,17 @@ fn spawn_client(stream: UnixStream, monitor: Arc<dyn Monitor>, events: Events) -
     let w_stream = stream.try_clone()?;
     // A client that stops reading must not hold its writer forever.
     w_stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let r_stream = stream.try_clone()?;
+    let stream = Arc::new(Mutex::new(Some(stream)));
+    let own = stream.clone();
     let writer = std::thread::Builder::new()
         .name("qmp-writer".into())
         .spawn(move || {
             sandbox::enter(sandbox::ThreadKind::Monitor);
-            write_loop(w_stream, rx)
+            write_loop(w_stream, rx);
+            // The session is over: its last fd goes now.
+            drop(lock_stream(&own).take());
         })?;
-    let r_stream = stream.try_clone()?;
     let reader = std::thread::Builder::new()
         .name("qmp-client".into())
         .spawn(move || {
@@ -391,6 +402,10 @@ fn spawn_client(stream: UnixStream, monitor: Arc<dyn Monitor>, events: Events) -
         reader: Some(reader),
         writer: Some(writer),
     })
+}
+
+fn lock_stream(s: &Mutex<Option<UnixStream>>) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write_loop(mut stream: UnixStream, rx: Receiver<Value>) {
