@@ -15,6 +15,7 @@ pub mod block;
 mod stream;
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -266,6 +267,8 @@ pub fn monitors_from_chardevs(chardevs: &[String], monitors: &[String]) -> Resul
 /// A listening QMP server.
 pub struct QmpServer {
     path: PathBuf,
+    /// The listening socket, to wake the accept thread on shutdown.
+    listener: UnixListener,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     clients: Arc<Mutex<Vec<Client>>>,
@@ -289,6 +292,9 @@ impl QmpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
         let (t_stop, t_clients) = (stop.clone(), clients.clone());
+        let waker = listener
+            .try_clone()
+            .context("could not keep a handle on the QMP socket")?;
         let accept = std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || {
@@ -318,6 +324,7 @@ impl QmpServer {
             .context("could not start the QMP thread")?;
         Ok(QmpServer {
             path: addr.path.clone(),
+            listener: waker,
             stop,
             accept: Some(accept),
             clients,
@@ -332,7 +339,12 @@ impl QmpServer {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept thread: shutdown() of a listening socket makes
+        // accept() fail at once on Linux (a connect() to the path would
+        // miss if another process has taken the path since).
+        // SAFETY: shutdown on a socket fd this server owns; no memory is
+        // passed.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
