@@ -104,6 +104,9 @@ impl Monitor for FuzzMonitor {
             }
             "blockdev-del" => qmp::block::blockdev_del(&mut self.graph(), a),
             "block_resize" => qmp::block::block_resize(&self.graph(), a).map(|_| json!({})),
+            "block_set_io_throttle" => qmp::block::block_set_io_throttle(&self.graph(), a),
+            "qom-get" => qmp::block::qom_get(&self.graph(), a),
+            "qom-set" => qmp::block::qom_set(&self.graph(), a),
             _ => unreachable!("the session only passes the monitor's own commands"),
         }
     }
