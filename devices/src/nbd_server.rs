@@ -26,7 +26,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use block::nbd::server::{
     handshake, Handshake, Interest, NbdConnection, NbdExportInfo, NbdSession,
@@ -470,8 +470,6 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream) -> bool {
             read: true,
             write: false,
         },
-        next_recv: None,
-        recv_backoff: MIN_RECV_BACKOFF,
         ended: ended.clone(),
         shared: shared.clone(),
     };
@@ -500,20 +498,10 @@ struct NbdWorker {
     wake: EventFd,
     /// What the socket is registered for.
     watching: Interest,
-    /// Busy polls read the socket no sooner than this (see
-    /// [`NbdWorker::poll`]): `None`, at once.
-    next_recv: Option<Instant>,
-    /// The pause before the next socket read of a busy poll that found
-    /// nothing; doubles each time, up to [`MAX_RECV_BACKOFF`].
-    recv_backoff: Duration,
     ended: Arc<AtomicBool>,
     shared: Arc<Shared>,
 }
 
-/// The first pause between a busy poll's socket reads that found nothing.
-const MIN_RECV_BACKOFF: Duration = Duration::from_nanos(500);
-/// The longest pause between a busy poll's socket reads.
-const MAX_RECV_BACKOFF: Duration = Duration::from_micros(8);
 
 fn socket_events(i: Interest) -> EventSet {
     let mut e = EventSet::empty();
@@ -654,9 +642,6 @@ impl IoSubscriber for NbdWorker {
         // round while a disk works slowed a file at iodepth 1 from 1.28x
         // qemu-storage-daemon's IOPS (no polling) to 0.83x.
         if conn.in_flight() > 0 {
-            // The next request is read at once after this one's reply.
-            self.next_recv = None;
-            self.recv_backoff = MIN_RECV_BACKOFF;
             if !conn.completions_ready() {
                 return false;
             }
@@ -675,19 +660,8 @@ impl IoSubscriber for NbdWorker {
             }
             return true;
         }
-        // Nothing in flight: the client's next request is awaited. Read
-        // the socket at once after a reply, then with pauses that double
-        // (0.5 µs up to 8 µs) while nothing comes: a recv() per round
-        // contends with the client's send and takes CPU from it.
-        let reading = conn.interest().read;
-        if reading && !self.io.has_buffered_input() {
-            let now = Instant::now();
-            if self.next_recv.is_some_and(|t| now < t) {
-                return false;
-            }
-        }
         let before = conn.requests();
-        if reading {
+        if conn.interest().read {
             conn.on_readable(&mut self.io);
         } else {
             conn.on_completions();
@@ -695,11 +669,6 @@ impl IoSubscriber for NbdWorker {
         let found = conn.requests() != before;
         if found {
             note_event(self.io.as_raw_fd() as u64);
-            self.next_recv = None;
-            self.recv_backoff = MIN_RECV_BACKOFF;
-        } else if reading {
-            self.next_recv = Some(Instant::now() + self.recv_backoff);
-            self.recv_backoff = (self.recv_backoff * 2).min(MAX_RECV_BACKOFF);
         }
         conn.on_writable(&mut self.io);
         conn.resume(&mut self.io);
