@@ -4,7 +4,9 @@
 The seeds are small valid inputs taken from what the test suites do: the
 option strings and QMP commands they use, a frontend's vhost-user
 handshake as QEMU sends it, and a driver's virtio-mmio and virtio-pci
-bring-up with one read request. Each follows the input format its target
+bring-up with one read request, and qcow2 images made by qemu-img and
+qemu-io (skipped, with a note, where QEMU's tools are missing). Each
+follows the input format its target
 documents at the top of fuzz_targets/TARGET.rs. Seeds are named
 `seed-NAME`; inputs the fuzzer found (crashes fixed since) are named
 `regression-NAME` and are not written here.
@@ -14,7 +16,12 @@ Run: python3 fuzz/seeds.py
 
 import json
 import pathlib
+import random
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 
 CORPUS = pathlib.Path(__file__).resolve().parent / "corpus"
 
@@ -389,3 +396,60 @@ PCI_SEEDS = {
 }
 for name, data in PCI_SEEDS.items():
     write("virtio_pci_regs", name, data)
+
+
+# --- qcow2_metadata: 16 operation bytes, then an image qemu-img made ---------
+
+# (op, arg) pairs as fuzz_targets/qcow2_metadata.rs reads them: read at 0,
+# write, read, write-zeroes of 5 pages, write-zeroes, discard, flush, then
+# block status and growth.
+QCOW2_OPS = bytes([0x00, 0x00, 0x02, 0x0A, 0x01, 0x64, 0x2C, 0xC8,
+                   0x04, 0x32, 0x05, 0x03, 0x06, 0x00, 0x07, 0xFF])
+
+# Each seed: how to make it in a scratch directory, with 512-byte clusters
+# so that a small image still has many tables and clusters to mutate.
+QCOW2_SEEDS = {
+    # Version 3: data, a zero cluster run, unallocated clusters.
+    "v3": [["create", "-f", "qcow2", "-o", "cluster_size=512", "v3.qcow2", "256K"],
+           ["io", "v3.qcow2", "write -P 1 0 4k", "write -z 8k 4k", "write -P 2 100k 3k"]],
+    # Version 2 (no zero clusters, no feature bits).
+    "v2": [["create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=512", "v2.qcow2", "256K"],
+           ["io", "v2.qcow2", "write -P 3 1k 6k"]],
+    # Compressed clusters, deflate and zstd.
+    "c": [["convert", "-c", "-f", "raw", "-O", "qcow2",
+           "-o", "cluster_size=512,compression_type=zlib", "text", "c.qcow2"]],
+    "z": [["convert", "-c", "-f", "raw", "-O", "qcow2",
+           "-o", "cluster_size=512,compression_type=zstd", "text", "z.qcow2"]],
+    # An overlay: a backing file name and format extension in the header.
+    "ov": [["create", "-f", "qcow2", "-o", "cluster_size=512", "v3.qcow2", "256K"],
+           ["create", "-f", "qcow2", "-o", "cluster_size=512", "-b", "v3.qcow2",
+            "-F", "qcow2", "ov.qcow2", "256K"]],
+}
+
+
+def qcow2_seeds():
+    if not (shutil.which("qemu-img") and shutil.which("qemu-io")):
+        print("seeds.py: no qemu-img/qemu-io, qcow2_metadata seeds not written",
+              file=sys.stderr)
+        return
+    rng = random.Random(15)
+    # Compressible but not trivial: base64-like text.
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    text = bytes(rng.choice(alphabet) for _ in range(64 << 10))
+    for name, steps in QCOW2_SEEDS.items():
+        with tempfile.TemporaryDirectory() as d:
+            (pathlib.Path(d) / "text").write_bytes(text)
+            for step in steps:
+                if step[0] == "io":
+                    cmd = ["qemu-io", "-f", "qcow2"]
+                    for c in step[2:]:
+                        cmd += ["-c", c]
+                    cmd.append(step[1])
+                else:
+                    cmd = ["qemu-img", *step]
+                subprocess.run(cmd, cwd=d, check=True, capture_output=True)
+            image = (pathlib.Path(d) / f"{name}.qcow2").read_bytes()
+            write("qcow2_metadata", name, QCOW2_OPS + image)
+
+
+qcow2_seeds()

@@ -39,7 +39,10 @@ pub use error::BlockError;
 pub use graph::BlockGraph;
 pub use limits::BlockLimits;
 pub use memory::{MemoryRegion, RamRegistrar, RegionId};
-pub use node::{BlockNode, BlockStatus, NodeOptions, NodeQueue};
+pub use node::{
+    children_with_roles, BlockNode, BlockStatus, ChildRole, FormatSpecific, ImageDetails,
+    NodeOptions, NodeQueue, Qcow2V3Bits,
+};
 pub use request::{
     Completion, IovecPool, Request, RequestError, RequestFlags, RequestOp, SubmitError,
 };

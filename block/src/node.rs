@@ -37,9 +37,26 @@ pub trait BlockNode: Send + Sync {
     fn filename(&self) -> Option<&str> {
         None
     }
-    /// Child nodes.
+    /// Child nodes: the file child first, then the backing child if any.
     fn children(&self) -> Vec<Arc<dyn BlockNode>> {
         Vec::new()
+    }
+    /// The child in QEMU's `backing` role (the image below a format
+    /// node's own clusters), also among [`BlockNode::children`]; every
+    /// other child is in the `file` role.
+    fn backing(&self) -> Option<Arc<dyn BlockNode>> {
+        None
+    }
+    /// Bytes the node takes on the host (QEMU's `actual-size`): a file's
+    /// allocated blocks; by default, its file child's.
+    fn allocated_size(&self) -> Option<u64> {
+        self.children().first().and_then(|c| c.allocated_size())
+    }
+    /// What the image's own metadata says (cluster size, backing file
+    /// name, format-specific fields), for QMP's `ImageInfo`; `None` for
+    /// nodes without image metadata.
+    fn image_details(&self) -> Option<ImageDetails> {
+        None
     }
     /// Grows or shrinks the node to `size` bytes (QMP `block_resize`).
     /// Users see the new size through [`BlockNode::capacity`].
@@ -77,6 +94,88 @@ pub trait BlockNode: Send + Sync {
         let _ = offset;
         Ok((len.max(1), BlockStatus::Data))
     }
+}
+
+/// The role a child plays for its parent (QEMU's `BdrvChildRole`, reduced
+/// to the two QMP shows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The node the parent's own data and metadata live on.
+    File,
+    /// The image that supplies what the parent has not allocated.
+    Backing,
+}
+
+impl ChildRole {
+    /// The child's name in QEMU's graph (`file`, `backing`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+        }
+    }
+}
+
+/// The children of `node` with their roles, file children first.
+pub fn children_with_roles(node: &dyn BlockNode) -> Vec<(ChildRole, Arc<dyn BlockNode>)> {
+    let backing = node.backing();
+    node.children()
+        .into_iter()
+        .map(|c| {
+            let role = match &backing {
+                Some(b) if Arc::ptr_eq(b, &c) => ChildRole::Backing,
+                _ => ChildRole::File,
+            };
+            (role, c)
+        })
+        .collect()
+}
+
+/// The fields of QEMU's `ImageInfo` that come from an image's metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageDetails {
+    /// Bytes per cluster.
+    pub cluster_size: Option<u64>,
+    /// The backing file name as the image header spells it.
+    pub backing_filename: Option<String>,
+    /// That name resolved against the image's directory.
+    pub full_backing_filename: Option<String>,
+    /// The backing format the header names.
+    pub backing_format: Option<String>,
+    /// Whether the image is marked as not closed cleanly.
+    pub dirty: bool,
+    /// QEMU's `ImageInfoSpecific`.
+    pub specific: Option<FormatSpecific>,
+}
+
+/// QEMU's `ImageInfoSpecific`, for the formats blkvm has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FormatSpecific {
+    /// `ImageInfoSpecificQCow2`.
+    Qcow2 {
+        /// `0.10` for version 2, `1.1` for version 3.
+        compat: &'static str,
+        /// `zlib` or `zstd`.
+        compression_type: &'static str,
+        /// Bits per refcount.
+        refcount_bits: u32,
+        /// Version 3 only: the lazy refcounts, corrupt and extended L2
+        /// bits.
+        v3: Option<Qcow2V3Bits>,
+    },
+    /// `ImageInfoSpecificFile` (no fields blkvm reports).
+    File,
+}
+
+/// The feature bits a version 3 qcow2 image reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Qcow2V3Bits {
+    /// The lazy refcounts compatible feature.
+    pub lazy_refcounts: bool,
+    /// The corrupt incompatible feature.
+    pub corrupt: bool,
+    /// The extended L2 incompatible feature.
+    pub extended_l2: bool,
 }
 
 /// What a range of a node holds.

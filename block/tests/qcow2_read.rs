@@ -7,7 +7,7 @@
 mod common;
 mod qcow2_util;
 
-use block::BlockStatus;
+use block::{children_with_roles, BlockStatus, ChildRole, FormatSpecific};
 use qcow2_util::{open, qemu_img, qemu_io, raw_of, read_all, Scratch};
 
 /// Makes an image with data, zeroes and holes in it, in the given format
@@ -147,6 +147,34 @@ fn a_three_level_chain_with_relative_names_reads_like_qemu() {
         1,
         "{names:?}"
     );
+    // Roles: the file child, then the backing child, down the chain.
+    let roles: Vec<(ChildRole, &str)> = children_with_roles(d.node.as_ref())
+        .into_iter()
+        .map(|(r, c)| (r, c.driver()))
+        .collect();
+    assert_eq!(
+        roles,
+        [(ChildRole::File, "file"), (ChildRole::Backing, "qcow2")]
+    );
+    let mid_node = d.node.backing().expect("top has a backing node");
+    assert_eq!(mid_node.filename(), Some(mid.as_str()));
+    let base_node = mid_node.backing().expect("mid has a backing node");
+    assert_eq!(base_node.driver(), "raw");
+    assert!(base_node.backing().is_none());
+    // What QMP's ImageInfo shows of the header.
+    let details = d.node.image_details().expect("qcow2 has image details");
+    assert_eq!(details.cluster_size, Some(4096));
+    assert_eq!(details.backing_filename.as_deref(), Some("mid.qcow2"));
+    assert_eq!(details.full_backing_filename.as_deref(), Some(mid.as_str()));
+    assert_eq!(details.backing_format.as_deref(), Some("qcow2"));
+    assert!(matches!(
+        details.specific,
+        Some(FormatSpecific::Qcow2 {
+            compat: "1.1",
+            v3: Some(_),
+            ..
+        })
+    ));
     // Status: allocated in top; a zero cluster is a hole, as QEMU says.
     assert_eq!(
         d.node.block_status(65536 + 4096, 1).unwrap().1,

@@ -502,7 +502,6 @@ struct NbdWorker {
     shared: Arc<Shared>,
 }
 
-
 fn socket_events(i: Interest) -> EventSet {
     let mut e = EventSet::empty();
     if i.read {

@@ -85,7 +85,7 @@ impl Monitor for FuzzMonitor {
                 Ok(json!([{
                     "device": "",
                     "qdev": "e0",
-                    "inserted": qmp::block::node_info(node.as_ref()),
+                    "inserted": qmp::block::node_info(node.as_ref(), false),
                 }]))
             }
             "query-block-exports" => {

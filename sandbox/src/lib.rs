@@ -312,11 +312,55 @@ fn forbidden_call_message(thread: &[u8], nr: i64) -> Message {
     m
 }
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+/// The file glibc's `free` reads once per process, from whichever thread
+/// first gives memory of a thread arena back (`check_may_shrink_heap`).
+/// A thread whose filter forbids opening files gets `EACCES` for it
+/// instead of ending the process: glibc takes a failed open as "not
+/// strict overcommit" and goes on (found when a file worker freed a
+/// qcow2 copy-on-write buffer at shutdown).
+const GLIBC_OVERCOMMIT_PROBE: &[u8] = b"/proc/sys/vm/overcommit_memory\0";
+
+/// Answers the trapped call `nr` with `-EACCES` when it is glibc's
+/// overcommit probe, by setting the return register in `ctx` (the call
+/// did not run: `SECCOMP_RET_TRAP` skips it). Returns whether it did.
+#[cfg(target_arch = "x86_64")]
+fn refuse_glibc_probe(nr: libc::c_int, ctx: *mut libc::c_void) -> bool {
+    if i64::from(nr) != libc::SYS_openat || ctx.is_null() {
+        return false;
+    }
+    let uc = ctx.cast::<libc::ucontext_t>();
+    // SAFETY: the kernel passes the interrupted thread's ucontext_t to an
+    // SA_SIGINFO handler; `ctx` is non-null and we are its only user.
+    let gregs = unsafe { &mut (*uc).uc_mcontext.gregs };
+    // openat(dirfd, path, flags, mode): the path is the second argument.
+    let path = gregs[libc::REG_RSI as usize] as *const libc::c_char;
+    if path.is_null() {
+        return false;
+    }
+    // SAFETY: a trapped openat's path argument is a NUL-terminated string
+    // of the calling thread (the kernel would have read it); the
+    // comparison stops at the first differing byte or the NUL, so it
+    // reads no further than `GLIBC_OVERCOMMIT_PROBE`'s length.
+    let same = unsafe { libc::strcmp(path, GLIBC_OVERCOMMIT_PROBE.as_ptr().cast()) } == 0;
+    if same {
+        gregs[libc::REG_RAX as usize] = -i64::from(libc::EACCES);
+    }
+    same
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn refuse_glibc_probe(_nr: libc::c_int, _ctx: *mut libc::c_void) -> bool {
+    false
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO
     // handler; for SIGSYS its union holds `_sigsys`, laid out as
     // `SigsysInfo`, and the read stays within the 128-byte siginfo_t.
     let nr = unsafe { (*info.cast::<SigsysInfo>()).syscall };
+    if refuse_glibc_probe(nr, ctx) {
+        return;
+    }
     let (name, len) = THREAD_NAME.with(Cell::get);
     let m = forbidden_call_message(&name[..len], i64::from(nr));
     // SAFETY: write(2) and _exit(2) are async-signal-safe and every

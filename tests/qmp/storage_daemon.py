@@ -453,6 +453,102 @@ async def throttle_limits_change_live():
     assert d.stop() == 0, d.output()
 
 
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def chain_nodes(nodes):
+    """Nodes by (driver, file name): implicit nodes get names of their
+    own in each daemon, and this pair names each node of a chain once."""
+    out = {}
+    for n in nodes:
+        key = (n["drv"], n["file"])
+        assert key not in out, f"two nodes {key}: {nodes}"
+        out[key] = n
+    return out
+
+
+def assert_same_node(ours, qemus, where):
+    """Every field QEMU shows of a node is in ours, with the same value;
+    the image (and its backing-image chain) is the same as a whole."""
+    assert ours["image"] == qemus["image"], \
+        f"{where}: image differs:\nours: {json.dumps(ours['image'], indent=1)}\n" \
+        f"qemu: {json.dumps(qemus['image'], indent=1)}"
+    for k, v in qemus.items():
+        if k in ("node-name", "image"):
+            continue
+        assert ours.get(k) == v, f"{where}: {k} is {ours.get(k)!r}, QEMU has {v!r}"
+
+
+async def query_chain(qmp):
+    return {
+        "tree": chain_nodes(await qmp.execute("query-named-block-nodes")),
+        "flat": chain_nodes(await qmp.execute("query-named-block-nodes", {"flat": True})),
+    }
+
+
+async def qcow2_chain_shown_as_qemu_shows_it():
+    """A qcow2 image over a qcow2 (version 2) over a raw base, opened from
+    the headers: query-named-block-nodes shows each node as
+    qemu-storage-daemon does for the same chain (backing_file,
+    backing_file_depth, the image's backing-image chain, and flat
+    without it); query-block shows the export's chain and
+    query-blockstats nests the backing node's stats under `backing`."""
+    w = ARGS.workdir
+    base, mid, top = (os.path.join(w, f) for f in ("base.raw", "mid.qcow2", "top.qcow2"))
+    qemu_img("create", "-f", "raw", base, "16M")
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F", "raw", mid)
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "mid.qcow2",
+             "-F", "qcow2", top)
+    blockdev = f"driver=qcow2,node-name=q0,file.driver=file,file.filename={top}"
+
+    qsd_sock = os.path.join(w, "qsd-qmp.sock")
+    log = open(os.path.join(w, "qsd.log"), "w")
+    qsd = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev", blockdev,
+         "--chardev", f"socket,id=c,path={qsd_sock},server=on,wait=off",
+         "--monitor", "chardev=c"], stdout=log, stderr=subprocess.STDOUT)
+    CHILDREN.append(qsd)
+    wait_for(lambda: os.path.exists(qsd_sock) or qsd.poll() is not None, "qsd's QMP socket")
+    qq = QMPClient("qemu")
+    await qq.connect(qsd_sock)
+    want = await query_chain(qq)
+    await qq.execute("quit")
+    await disconnect_after_quit(qq)
+    qsd.wait(timeout=30)
+
+    d = Daemon("sd", "--blockdev", blockdev,
+               "--export", f"vhost-user-blk,id=e0,node-name=q0,addr.type=unix,"
+                           f"addr.path={os.path.join(w, 'e0.sock')},writable=on")
+    qmp = await connect(d)
+    got = await query_chain(qmp)
+    for view in ("tree", "flat"):
+        assert set(got[view]) == set(want[view]), (view, set(got[view]), set(want[view]))
+        for key, q in want[view].items():
+            assert_same_node(got[view][key], q, f"{view} {key}")
+    q0 = got["tree"][("qcow2", top)]
+    assert q0["node-name"] == "q0", q0
+    assert q0["backing_file_depth"] == 2 and q0["backing_file"] == mid, q0
+    assert q0["image"]["backing-image"]["backing-image"]["filename"] == base, q0
+
+    blocks = await qmp.execute("query-block")
+    assert len(blocks) == 1, blocks
+    assert_same_node(blocks[0]["inserted"], want["tree"][("qcow2", top)], "query-block")
+    users = await qmp.execute("query-blockstats")
+    assert len(users) == 1, users
+    u = users[0]
+    assert u["node-name"] == "q0", u
+    assert u["parent"]["node-name"] == got["tree"][("file", top)]["node-name"], u
+    mid_name = got["tree"][("qcow2", mid)]["node-name"]
+    base_name = got["tree"][("raw", base)]["node-name"]
+    assert u["backing"]["node-name"] == mid_name, u
+    assert u["backing"]["backing"]["node-name"] == base_name, u
+    per_node = await qmp.execute("query-blockstats", {"query-nodes": True})
+    assert all("backing" not in s for s in per_node), per_node
+    await qmp.disconnect()
+    assert d.stop() == 0, d.output()
+
+
 def main():
     global ARGS
     p = argparse.ArgumentParser()

@@ -108,12 +108,16 @@ fn build_blkvm() -> Result<PathBuf> {
 }
 
 /// A file-backed vhost-user-blk export: `file` node `fN` over `image`,
-/// `raw` node `dN` over it, export `eN` on `socket` (N is its position in
-/// the list given to [`StorageDaemon::start`]).
+/// format node `dN` (`raw` unless [`VhostUserBlkExport::format`] says
+/// otherwise) over it, export `eN` on `socket` (N is its position in the
+/// list given to [`StorageDaemon::start`]).
 #[derive(Debug, Clone)]
 pub struct VhostUserBlkExport {
     /// The image file; it must exist.
     pub image: PathBuf,
+    /// The driver of the format node over the file: `raw` or `qcow2`
+    /// (whose backing chain the daemon opens from the image's header).
+    pub format: &'static str,
     /// The unix socket the daemon listens on.
     pub socket: PathBuf,
     /// `writable=on|off`.
@@ -139,6 +143,7 @@ impl VhostUserBlkExport {
     pub fn new(image: impl Into<PathBuf>, socket: impl Into<PathBuf>) -> Self {
         VhostUserBlkExport {
             image: image.into(),
+            format: "raw",
             socket: socket.into(),
             writable: true,
             num_queues: 1,
@@ -154,6 +159,12 @@ impl VhostUserBlkExport {
     /// up to `poll_max_ns` (QEMU's `poll-max-ns`).
     pub fn iothread(mut self, poll_max_ns: u64) -> Self {
         self.iothread_poll_max_ns = Some(poll_max_ns);
+        self
+    }
+
+    /// Opens the image with the `format` driver (`raw`, `qcow2`).
+    pub fn format(mut self, format: &'static str) -> Self {
+        self.format = format;
         self
     }
 
@@ -216,7 +227,7 @@ impl VhostUserBlkExport {
                     onoff(self.cache_direct)
                 ),
                 "--blockdev".to_owned(),
-                format!("driver=raw,node-name=d{n},file=f{n}{discard}"),
+                format!("driver={},node-name=d{n},file=f{n}{discard}", self.format),
                 "--export".to_owned(),
                 export,
             ])

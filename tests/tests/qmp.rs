@@ -82,3 +82,8 @@ fn query_iothreads_lists_objects_and_threads() -> Result<()> {
 fn throttle_limits_change_live_over_qmp() -> Result<()> {
     scenario("throttle_limits_change_live")
 }
+
+#[test]
+fn qcow2_backing_chain_is_shown_as_qemu_storage_daemon_shows_it() -> Result<()> {
+    scenario("qcow2_chain_shown_as_qemu_shows_it")
+}

@@ -164,7 +164,7 @@ impl VmMonitor {
                     "type": "unknown",
                     "removable": false,
                     "locked": false,
-                    "inserted": qmp::block::node_info(node.as_ref()),
+                    "inserted": qmp::block::node_info(node.as_ref(), false),
                 });
                 if let Some(st) = &d.io_status {
                     v["io-status"] = json!(st.io_status());

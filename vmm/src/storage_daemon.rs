@@ -423,7 +423,7 @@ impl Monitor for Daemon {
                                 "type": "unknown",
                                 "removable": false,
                                 "locked": false,
-                                "inserted": qmp::block::node_info(e.node().as_ref()),
+                                "inserted": qmp::block::node_info(e.node().as_ref(), false),
                             })
                         })
                         .collect(),

@@ -15,7 +15,7 @@ mod uring;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ pub use lock::FileLockError;
 
 use crate::limits::BlockLimits;
 use crate::memory::RamRegistrar;
-use crate::node::{BlockNode, NodeCommon, NodeQueue};
+use crate::node::{BlockNode, FormatSpecific, ImageDetails, NodeCommon, NodeQueue};
 use crate::request::Request;
 use crate::stats::NodeStats;
 use crate::BlockError;
@@ -33,6 +33,9 @@ use crate::BlockError;
 /// Worker threads per queue for `aio=threads` (QEMU's pool grows to 64; a
 /// queue here serves one IOThread, so fewer suffice).
 const THREAD_POOL_SIZE: usize = 16;
+
+/// The unit of `st_blocks` (stat(2)), whatever the file system's block.
+const ST_BLOCK_BYTES: u64 = 512;
 
 /// State shared by the node and its queues.
 pub(crate) struct FileInner {
@@ -258,6 +261,16 @@ impl BlockNode for FileNode {
     }
     fn filename(&self) -> Option<&str> {
         Some(&self.inner.path)
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        let m = self.inner.file.metadata().ok()?;
+        Some(m.blocks() * ST_BLOCK_BYTES)
+    }
+    fn image_details(&self) -> Option<ImageDetails> {
+        Some(ImageDetails {
+            specific: Some(FormatSpecific::File),
+            ..ImageDetails::default()
+        })
     }
     fn stats(&self) -> &NodeStats {
         &self.stats

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use super::Qcow2Error;
+use crate::node::{FormatSpecific, Qcow2V3Bits};
 
 /// `QFI\xfb`.
 pub(crate) const MAGIC: u32 = 0x5146_49fb;
@@ -30,6 +31,10 @@ pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Compatible feature bits.
+const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// The only refcount width blkvm opens (refcount_order 4).
+const REFCOUNT_BITS: u32 = 16;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
@@ -322,6 +327,23 @@ impl Header {
     /// Bytes per cluster.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// QEMU's `ImageInfoSpecificQCow2` of this header.
+    pub fn format_specific(&self) -> FormatSpecific {
+        FormatSpecific::Qcow2 {
+            compat: if self.version == 2 { "0.10" } else { "1.1" },
+            compression_type: match self.compression {
+                CompressionType::Deflate => "zlib",
+                CompressionType::Zstd => "zstd",
+            },
+            refcount_bits: REFCOUNT_BITS,
+            v3: (self.version == 3).then_some(Qcow2V3Bits {
+                lazy_refcounts: self.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+                corrupt: self.incompatible & INCOMPAT_CORRUPT != 0,
+                extended_l2: self.incompatible & INCOMPAT_EXTL2 != 0,
+            }),
+        }
     }
 
     /// Whether the image may be written as it stands.

@@ -49,7 +49,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use qapi::{BlockdevCommon, BlockdevOptionsQcow2};
 
 use crate::limits::BlockLimits;
-use crate::node::{BlockNode, BlockStatus, NodeCommon, NodeQueue};
+use crate::node::{BlockNode, BlockStatus, ImageDetails, NodeCommon, NodeQueue};
 use crate::request::RequestError;
 use crate::stats::NodeStats;
 use crate::BlockError;
@@ -191,6 +191,22 @@ impl Qcow2Image {
             .as_deref()
             .map(|f| (f, self.header.backing_format.as_deref()))
     }
+
+    /// What QMP's `ImageInfo` shows of this image.
+    fn details(&self) -> ImageDetails {
+        let h = &self.header;
+        ImageDetails {
+            cluster_size: Some(h.cluster_size()),
+            backing_filename: h.backing_file.clone(),
+            full_backing_filename: h
+                .backing_file
+                .as_deref()
+                .and_then(|f| open::resolve_backing(self.meta.child.filename(), f)),
+            backing_format: h.backing_format.clone(),
+            dirty: h.incompatible & header::INCOMPAT_DIRTY != 0,
+            specific: Some(h.format_specific()),
+        }
+    }
 }
 
 /// The `qcow2` node.
@@ -198,6 +214,7 @@ pub struct Qcow2Node {
     common: NodeCommon,
     child: Arc<dyn BlockNode>,
     backing: Option<Arc<dyn BlockNode>>,
+    details: ImageDetails,
     shared: Arc<Shared>,
     /// Metadata I/O of the control plane (status, resize).
     control: Mutex<Box<dyn NodeQueue>>,
@@ -223,6 +240,7 @@ impl Qcow2Node {
             common: NodeCommon::new(name, common, common.read_only),
             child,
             backing,
+            details: image.details(),
             shared: Arc::new(Shared {
                 size: AtomicU64::new(image.meta.size),
                 cluster_bits: image.meta.g.cluster_bits,
@@ -285,6 +303,12 @@ impl BlockNode for Qcow2Node {
         let mut c = vec![self.child.clone()];
         c.extend(self.backing.clone());
         c
+    }
+    fn backing(&self) -> Option<Arc<dyn BlockNode>> {
+        self.backing.clone()
+    }
+    fn image_details(&self) -> Option<ImageDetails> {
+        Some(self.details.clone())
     }
     fn cache_direct(&self) -> bool {
         self.child.cache_direct()

@@ -82,17 +82,11 @@ fn backing_options(
             "Backing file '{file}': only plain file names are supported"
         )));
     }
-    let path = if Path::new(file).is_absolute() {
-        file.to_string()
-    } else {
-        let base = child.filename().ok_or_else(|| {
-            BlockError::Invalid(format!(
-                "Cannot resolve the relative backing file '{file}': the image has no file name"
-            ))
-        })?;
-        let dir = Path::new(base).parent().unwrap_or(Path::new(""));
-        dir.join(file).to_string_lossy().into_owned()
-    };
+    let path = resolve_backing(child.filename(), file).ok_or_else(|| {
+        BlockError::Invalid(format!(
+            "Cannot resolve the relative backing file '{file}': the image has no file name"
+        ))
+    })?;
     // The file children of every level above are in `pending` already.
     let canonical = std::fs::canonicalize(&path).ok();
     let mut depth = 0;
@@ -146,6 +140,17 @@ fn backing_options(
         common: ro.clone(),
         driver,
     })
+}
+
+/// The backing file `file` of the image in `image_file`: absolute as
+/// written, or relative to the image's directory (`None` when relative
+/// and the image has no file name).
+pub(super) fn resolve_backing(image_file: Option<&str>, file: &str) -> Option<String> {
+    if Path::new(file).is_absolute() {
+        return Some(file.to_string());
+    }
+    let dir = Path::new(image_file?).parent().unwrap_or(Path::new(""));
+    Some(dir.join(file).to_string_lossy().into_owned())
 }
 
 /// `qcow2` when the file starts with the qcow2 magic, else `raw` (QEMU's

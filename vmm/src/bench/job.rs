@@ -59,6 +59,8 @@ pub struct JobSpec {
     pub pattern: Pattern,
     pub rwmixread: u8,
     pub bs: u64,
+    /// Blocks between one sequential request and the next (1: adjacent).
+    pub step_blocks: u64,
     pub iodepth: usize,
     pub size: u64,
     pub runtime: Option<Duration>,
@@ -129,7 +131,9 @@ impl Issuer<'_> {
             self.rng.next() % self.blocks
         } else {
             let b = self.next_seq;
-            self.next_seq = (b + 1) % self.blocks;
+            // In u128: a step near the whole size must not overflow.
+            self.next_seq =
+                ((u128::from(b) + u128::from(spec.step_blocks)) % u128::from(self.blocks)) as u64;
             b
         };
         let write = match spec.pattern {
@@ -365,6 +369,55 @@ mod tests {
         }
     }
 
+    /// A queue that records the offset of every request.
+    struct Recording {
+        inner: Box<dyn NodeQueue>,
+        offsets: Vec<u64>,
+    }
+
+    impl NodeQueue for Recording {
+        fn submit(&mut self, req: Request) -> Result<(), block::SubmitError> {
+            self.offsets.push(req.offset());
+            self.inner.submit(req)
+        }
+        fn kick(&mut self) {
+            self.inner.kick()
+        }
+        fn completion_fd(&self) -> std::os::fd::RawFd {
+            self.inner.completion_fd()
+        }
+        fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
+            self.inner.poll_completions(out)
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn complete_now(&mut self, c: Completion) {
+            self.inner.complete_now(c)
+        }
+    }
+
+    #[test]
+    fn a_step_strides_through_the_blocks_and_wraps_at_the_end() {
+        let mut graph = BlockGraph::new();
+        let opts = qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap();
+        let node = graph.add(&opts).unwrap();
+        let mut q = Recording {
+            inner: node.open_queue().unwrap(),
+            offsets: Vec::new(),
+        };
+        // 256 blocks of 4 KiB; a step of 100 blocks wraps on the third.
+        let spec = JobSpec {
+            pattern: Pattern::Read,
+            step_blocks: 100,
+            count: Some(5),
+            ..spec()
+        };
+        run(&mut q, graph.registrar(), &spec).unwrap();
+        let blocks: Vec<u64> = q.offsets.iter().map(|o| o / 4096).collect();
+        assert_eq!(blocks, [0, 100, 200, 44, 144]);
+    }
+
     /// `spec`'s job on a null-co node answering after `latency_ns`,
     /// through a queue that counts its waits; with the job's wall time.
     fn run_counted(latency_ns: u64, spec: JobSpec) -> (JobResult, usize, Duration) {
@@ -391,6 +444,7 @@ mod tests {
             pattern: Pattern::Randread,
             rwmixread: 100,
             bs: 4096,
+            step_blocks: 1,
             iodepth: 1,
             size: 1 << 20,
             runtime: None,

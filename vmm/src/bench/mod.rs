@@ -49,6 +49,13 @@ pub struct BenchArgs {
     /// been idle or mostly idle.
     #[arg(long, default_value_t = 0.0, conflicts_with = "count")]
     ramp_time: f64,
+    /// For --rw read and write: each request's offset is the previous
+    /// one's plus this, wrapping at the end of the size used, as
+    /// `qemu-img bench -S` (default: --bs, i.e. sequential). A multiple
+    /// of --bs; a step coprime to the number of blocks visits every block
+    /// once per pass, in an order with no locality.
+    #[arg(long, value_parser = parse_size)]
+    step: Option<u64>,
     /// Bytes of the node to use, from offset 0 (default: all of it).
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
@@ -163,6 +170,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.bs
         );
     }
+    let step = args.step.unwrap_or(args.bs);
+    if step == 0 || !step.is_multiple_of(args.bs) {
+        bail!(
+            "--step {step} must be a non-zero multiple of --bs {}",
+            args.bs
+        );
+    }
+    if args.step.is_some() && !matches!(args.rw, Pattern::Read | Pattern::Write) {
+        bail!("--step applies to --rw read and write only");
+    }
     if args.rw.writes(args.rwmixread) && node.read_only() {
         bail!(
             "node '{name}' is read-only: --rw {} writes",
@@ -194,6 +211,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 pattern: args.rw,
                 rwmixread: args.rwmixread,
                 bs: args.bs,
+                step_blocks: step / args.bs,
                 iodepth: args.iodepth as usize,
                 size,
                 runtime,

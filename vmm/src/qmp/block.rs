@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use block::throttle::{apply_limits, Bucket, BucketLimit, ThrottleConfig, ThrottleGroup};
-use block::{BlockBackend, BlockError, BlockGraph, BlockNode, NodeStatsSnapshot};
+use block::{
+    children_with_roles, BlockBackend, BlockError, BlockGraph, BlockNode, ChildRole,
+    FormatSpecific, NodeStatsSnapshot,
+};
 use qapi::qmp::{
     BlockResizeArgs, BlockSetIoThrottleArgs, BlockdevDelArgs, QomGetArgs, QueryBlockstatsArgs,
     QueryNamedBlockNodesArgs,
@@ -15,6 +18,9 @@ use qapi::{BlockdevDetectZeroesOptions, BlockdevDiscardOptions};
 use serde_json::{json, Map, Value};
 
 use super::{args, QmpError};
+
+/// QEMU's `BDRV_SECTOR_SIZE`, the unit of its node lengths.
+const QEMU_SECTOR_SIZE: u64 = 512;
 
 /// The block commands of this module.
 pub const COMMANDS: &[&str] = &[
@@ -56,10 +62,17 @@ fn filename(n: &dyn BlockNode) -> String {
     if let Some(f) = n.filename() {
         return f.to_string();
     }
-    match n.children().first() {
+    match file_child(n) {
         Some(c) => filename(c.as_ref()),
         None => format!("{}://", n.driver()),
     }
+}
+
+/// The first child in the `file` role (QEMU's primary child).
+fn file_child(n: &dyn BlockNode) -> Option<Arc<dyn BlockNode>> {
+    children_with_roles(n)
+        .into_iter()
+        .find_map(|(role, c)| (role == ChildRole::File).then_some(c))
 }
 
 fn detect_zeroes(d: BlockdevDetectZeroesOptions) -> &'static str {
@@ -70,34 +83,99 @@ fn detect_zeroes(d: BlockdevDetectZeroesOptions) -> &'static str {
     }
 }
 
-/// `ImageInfo` of a node and, when `chain`, of its children.
-fn image_info(n: &dyn BlockNode) -> Value {
-    json!({
-        "filename": filename(n),
-        "format": n.driver(),
-        "virtual-size": n.capacity(),
-        "dirty-flag": false,
-    })
+/// QEMU's `ImageInfoSpecific`.
+fn format_specific(f: &FormatSpecific) -> Value {
+    match f {
+        FormatSpecific::Qcow2 {
+            compat,
+            compression_type,
+            refcount_bits,
+            v3,
+        } => {
+            let mut data = json!({
+                "compat": compat,
+                "compression-type": compression_type,
+                "refcount-bits": refcount_bits,
+            });
+            if let Some(b) = v3 {
+                data["lazy-refcounts"] = json!(b.lazy_refcounts);
+                data["corrupt"] = json!(b.corrupt);
+                data["extended-l2"] = json!(b.extended_l2);
+            }
+            json!({"type": "qcow2", "data": data})
+        }
+        FormatSpecific::File => json!({"type": "file", "data": {}}),
+    }
 }
 
-/// QEMU's `BlockDeviceInfo` of one node.
-pub fn node_info(n: &dyn BlockNode) -> Value {
+/// QEMU's `ImageInfo` of a node; unless `flat`, with the image below it as
+/// `backing-image`, down the whole chain.
+fn image_info(n: &dyn BlockNode, flat: bool) -> Value {
+    let d = n.image_details().unwrap_or_default();
+    let mut v = json!({
+        "filename": filename(n),
+        "format": n.driver(),
+        // QEMU counts a node's length in whole sectors, so an image file
+        // whose length is not a multiple of 512 shows rounded up.
+        "virtual-size": n.capacity().next_multiple_of(QEMU_SECTOR_SIZE),
+        "dirty-flag": d.dirty,
+    });
+    if let Some(a) = n.allocated_size() {
+        v["actual-size"] = json!(a);
+    }
+    if let Some(cs) = d.cluster_size {
+        v["cluster-size"] = json!(cs);
+    }
+    if let Some(f) = d.backing_filename {
+        v["backing-filename"] = json!(f);
+    }
+    if let Some(f) = d.full_backing_filename {
+        v["full-backing-filename"] = json!(f);
+    }
+    if let Some(f) = d.backing_format {
+        v["backing-filename-format"] = json!(f);
+    }
+    if let Some(s) = &d.specific {
+        v["format-specific"] = format_specific(s);
+    }
+    if !flat {
+        if let Some(b) = n.backing() {
+            v["backing-image"] = image_info(b.as_ref(), false);
+        }
+    }
+    v
+}
+
+/// How many images lie below `n` in its backing chain.
+fn backing_depth(n: &dyn BlockNode) -> usize {
+    n.backing().map_or(0, |b| 1 + backing_depth(b.as_ref()))
+}
+
+/// QEMU's `BlockDeviceInfo` of one node. `flat` (as
+/// `query-named-block-nodes flat=true`) leaves out the backing chain
+/// below: no `backing-image`, and a `backing_file_depth` of 0, as QEMU.
+pub fn node_info(n: &dyn BlockNode, flat: bool) -> Value {
     let o = n.options();
-    json!({
+    let depth = if flat { 0 } else { backing_depth(n) };
+    let mut v = json!({
         "node-name": n.node_name(),
         "drv": n.driver(),
         "file": filename(n),
         "ro": n.read_only(),
         "encrypted": false,
-        "backing_file_depth": 0,
+        "backing_file_depth": depth,
         "detect_zeroes": detect_zeroes(o.detect_zeroes),
         "discard": matches!(o.discard, BlockdevDiscardOptions::Unmap),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
         "cache": {"writeback": true, "direct": n.cache_direct(), "no-flush": o.no_flush},
-        "image": image_info(n),
+        "image": image_info(n, flat),
         "active": true,
-    })
+    });
+    if let Some(b) = n.backing() {
+        v["backing_file"] = json!(filename(b.as_ref()));
+    }
+    v
 }
 
 /// QEMU's `BlockDeviceStats` of one node.
@@ -139,13 +217,25 @@ fn device_stats(s: &NodeStatsSnapshot) -> Value {
     })
 }
 
-/// `BlockStats` of a node with its file child as `parent`, as QEMU nests them.
-pub fn block_stats(n: &dyn BlockNode) -> Value {
+/// `BlockStats` of a node with its file child as `parent`, as QEMU nests
+/// them; at the level of a user (`with_backing`), with its backing child
+/// as `backing` too, down the chain.
+pub fn block_stats(n: &dyn BlockNode, with_backing: bool) -> Value {
     let mut v = json!({"node-name": n.node_name(), "stats": node_stats(n)});
-    if let Some(c) = n.children().first() {
-        v["parent"] = block_stats(c.as_ref());
-    }
+    nest_children(&mut v, n, with_backing);
     v
+}
+
+/// Adds `parent` (the file child) and, when `with_backing`, `backing`.
+fn nest_children(v: &mut Value, n: &dyn BlockNode, with_backing: bool) {
+    if let Some(c) = file_child(n) {
+        v["parent"] = block_stats(c.as_ref(), with_backing);
+    }
+    if with_backing {
+        if let Some(b) = n.backing() {
+            v["backing"] = block_stats(b.as_ref(), true);
+        }
+    }
 }
 
 /// `query-named-block-nodes [flat]`.
@@ -154,30 +244,10 @@ pub fn query_named_block_nodes(
     a: &Map<String, Value>,
 ) -> Result<Value, QmpError> {
     let a: QueryNamedBlockNodesArgs = args(a)?;
-    let nodes = graph
+    Ok(graph
         .nodes()
-        .map(|(_, n)| {
-            let mut v = node_info(n.as_ref());
-            if !a.flat {
-                // Without `flat`, each image carries the chain below it.
-                let chain: Vec<Value> = n
-                    .children()
-                    .iter()
-                    .map(|c| image_info(c.as_ref()))
-                    .collect();
-                if !chain.is_empty() {
-                    v["image"]["children"] = Value::Array(
-                        chain
-                            .into_iter()
-                            .map(|i| json!({"child": "file", "info": i}))
-                            .collect(),
-                    );
-                }
-            }
-            v
-        })
-        .collect();
-    Ok(Value::Array(nodes))
+        .map(|(_, n)| node_info(n.as_ref(), a.flat))
+        .collect())
 }
 
 /// `query-blockstats [query-nodes]`. With `query-nodes`, one entry per
@@ -194,7 +264,7 @@ pub fn query_blockstats(
     if a.query_nodes {
         return Ok(graph
             .nodes()
-            .map(|(_, n)| block_stats(n.as_ref()))
+            .map(|(_, n)| block_stats(n.as_ref(), false))
             .collect());
     }
     Ok(users
@@ -203,8 +273,8 @@ pub fn query_blockstats(
         .collect())
 }
 
-/// `BlockStats` of one user: its own counters, its root node's name, and
-/// the root's file child as `parent`.
+/// `BlockStats` of one user: its own counters, its root node's name, the
+/// root's file child as `parent` and its backing child as `backing`.
 pub fn backend_stats(qdev: &str, b: &BlockBackend) -> Value {
     let node = b.node();
     let mut v = json!({
@@ -213,9 +283,7 @@ pub fn backend_stats(qdev: &str, b: &BlockBackend) -> Value {
         "node-name": node.node_name(),
         "stats": device_stats(&b.stats().snapshot()),
     });
-    if let Some(c) = node.children().first() {
-        v["parent"] = block_stats(c.as_ref());
-    }
+    nest_children(&mut v, node.as_ref(), true);
     v
 }
 

@@ -178,3 +178,25 @@ fn a_file_worker_may_not_open_files() {
     assert_eq!(code, sandbox::FORBIDDEN_CALL_EXIT_CODE, "{out}");
     assert!(out.contains("forbidden system call: openat ("), "{out}");
 }
+
+#[test]
+fn glibc_overcommit_probe_is_refused_without_ending_the_process() {
+    let f = filters(Profile::StorageDaemon, None).unwrap();
+    let program = f.get(ThreadKind::FileWorker).unwrap().clone();
+    let (code, out) = in_child(move || {
+        sandbox::install_sigsys_handler().unwrap();
+        sandbox::confine(ThreadKind::FileWorker, &program).unwrap();
+        // SAFETY: a NUL-terminated path; the result is only compared.
+        let fd = unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), libc::O_RDONLY) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        let msg: &[u8] = if fd == -1 && errno == Some(libc::EACCES) {
+            b"refused"
+        } else {
+            b"not refused"
+        };
+        // SAFETY: writes `msg` to stderr.
+        unsafe { libc::write(libc::STDERR_FILENO, msg.as_ptr().cast(), msg.len()) };
+    });
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "refused");
+}
