@@ -338,14 +338,27 @@ mod tests {
     use super::*;
     use block::BlockGraph;
 
-    /// A queue that counts how often the job slept on it.
-    struct Counting {
+    /// A queue that notes the offset of every request and how often the
+    /// job slept on it.
+    struct Spy {
         inner: Box<dyn NodeQueue>,
+        offsets: Vec<u64>,
         waits: usize,
     }
 
-    impl NodeQueue for Counting {
+    impl Spy {
+        fn new(inner: Box<dyn NodeQueue>) -> Self {
+            Spy {
+                inner,
+                offsets: Vec::new(),
+                waits: 0,
+            }
+        }
+    }
+
+    impl NodeQueue for Spy {
         fn submit(&mut self, req: Request) -> Result<(), block::SubmitError> {
+            self.offsets.push(req.offset());
             self.inner.submit(req)
         }
         fn kick(&mut self) {
@@ -369,43 +382,12 @@ mod tests {
         }
     }
 
-    /// A queue that records the offset of every request.
-    struct Recording {
-        inner: Box<dyn NodeQueue>,
-        offsets: Vec<u64>,
-    }
-
-    impl NodeQueue for Recording {
-        fn submit(&mut self, req: Request) -> Result<(), block::SubmitError> {
-            self.offsets.push(req.offset());
-            self.inner.submit(req)
-        }
-        fn kick(&mut self) {
-            self.inner.kick()
-        }
-        fn completion_fd(&self) -> std::os::fd::RawFd {
-            self.inner.completion_fd()
-        }
-        fn poll_completions(&mut self, out: &mut Vec<Completion>) -> usize {
-            self.inner.poll_completions(out)
-        }
-        fn in_flight(&self) -> usize {
-            self.inner.in_flight()
-        }
-        fn complete_now(&mut self, c: Completion) {
-            self.inner.complete_now(c)
-        }
-    }
-
     #[test]
     fn a_step_strides_through_the_blocks_and_wraps_at_the_end() {
         let mut graph = BlockGraph::new();
         let opts = qapi::parse_blockdev("null-co,node-name=n0,size=1M").unwrap();
         let node = graph.add(&opts).unwrap();
-        let mut q = Recording {
-            inner: node.open_queue().unwrap(),
-            offsets: Vec::new(),
-        };
+        let mut q = Spy::new(node.open_queue().unwrap());
         // 256 blocks of 4 KiB; a step of 100 blocks wraps on the third.
         let spec = JobSpec {
             pattern: Pattern::Read,
@@ -427,10 +409,7 @@ mod tests {
         ))
         .unwrap();
         let node = graph.add(&opts).unwrap();
-        let mut q = Counting {
-            inner: node.open_queue().unwrap(),
-            waits: 0,
-        };
+        let mut q = Spy::new(node.open_queue().unwrap());
         let started = Instant::now();
         let r = run(&mut q, graph.registrar(), &spec).unwrap();
         (r, q.waits, started.elapsed())
