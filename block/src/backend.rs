@@ -25,7 +25,7 @@ pub use policy::{decide, ErrorAction, ErrorOutcome, IoStatus};
 
 use crate::node::check_request;
 use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
-use crate::stats::NodeStats;
+use crate::stats::{NodeStats, QueueStats};
 use crate::{BlockError, BlockNode, NodeQueue};
 
 /// How a user attaches to its node.
@@ -120,7 +120,7 @@ impl BlockBackend {
             inner: self.node.open_queue()?,
             node: self.node.clone(),
             read_only: self.read_only,
-            stats: self.stats.clone(),
+            stats: self.stats.queue(),
         })
     }
 
@@ -148,7 +148,7 @@ pub struct BackendQueue {
     inner: Box<dyn NodeQueue>,
     node: Arc<dyn BlockNode>,
     read_only: bool,
-    stats: Arc<NodeStats>,
+    stats: QueueStats,
 }
 
 impl BackendQueue {
@@ -163,7 +163,7 @@ impl NodeQueue for BackendQueue {
     fn submit(&mut self, mut req: Request) -> Result<(), SubmitError> {
         req.stamp();
         // A request sent again (kept by `stop`) is timed to its new end.
-        req.finished = None;
+        req.latency_ns = None;
         if let Err(error) = check_request(&req, self.read_only, self.node.capacity()) {
             self.stats.record(req.op(), req.start, &Err(error));
             return Err(SubmitError {

@@ -299,8 +299,19 @@ impl NodeCommon {
     /// Applies read-only and bounds (unless the request was checked where
     /// it entered the graph), then `cache.no-flush`, `discard` and
     /// `detect-zeroes`, which are this node's own.
-    pub fn precheck(&self, mut req: Request, capacity: u64) -> Result<Precheck, SubmitError> {
+    pub fn precheck(&self, req: Request, capacity: u64) -> Result<Precheck, SubmitError> {
+        self.precheck_with(req, || capacity)
+    }
+
+    /// [`Self::precheck`] for a node whose size costs something to read:
+    /// `capacity` is asked only for a request not checked yet.
+    pub fn precheck_with(
+        &self,
+        mut req: Request,
+        capacity: impl FnOnce() -> u64,
+    ) -> Result<Precheck, SubmitError> {
         if !req.checked {
+            let capacity = capacity();
             req.stamp();
             if let Err(error) = check_request(&req, self.read_only, capacity) {
                 return Err(SubmitError {

@@ -18,7 +18,7 @@ use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::limits::BlockLimits;
 use crate::node::{BlockNode, NodeCommon, NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestOp, SubmitError};
-use crate::stats::NodeStats;
+use crate::stats::{NodeStats, QueueStats};
 use crate::{sys, BlockError};
 
 /// QEMU's default null-co size: 1 GiB.
@@ -112,7 +112,7 @@ impl BlockNode for NullNode {
             size: self.size.clone(),
             read_zeroes: self.read_zeroes,
             latency: self.latency,
-            stats: self.stats.clone(),
+            stats: self.stats.queue(),
             ready: LocalCompletions::new(eventfd.clone()),
             eventfd,
             timer,
@@ -127,7 +127,7 @@ struct NullQueue {
     size: Arc<AtomicU64>,
     read_zeroes: bool,
     latency: Duration,
-    stats: Arc<NodeStats>,
+    stats: QueueStats,
     ready: LocalCompletions,
     eventfd: Arc<EventFd>,
     timer: Option<TimerFd>,

@@ -10,7 +10,7 @@ use qapi::BlockdevCommon;
 use crate::limits::BlockLimits;
 use crate::node::{BlockNode, NodeCommon, NodeQueue, Precheck};
 use crate::request::{Completion, Request, SubmitError};
-use crate::stats::NodeStats;
+use crate::stats::{NodeStats, QueueStats};
 use crate::BlockError;
 
 /// The `raw` node.
@@ -122,7 +122,7 @@ impl BlockNode for RawNode {
             child: self.child.open_queue()?,
             offset: self.offset,
             size: self.size,
-            stats: self.stats.clone(),
+            stats: self.stats.queue(),
         }))
     }
 }
@@ -133,7 +133,7 @@ struct RawQueue {
     child: Box<dyn NodeQueue>,
     offset: u64,
     size: Option<u64>,
-    stats: Arc<NodeStats>,
+    stats: QueueStats,
 }
 
 impl NodeQueue for RawQueue {

@@ -104,9 +104,10 @@ pub struct Request {
     /// Caller's tag, returned untouched in the completion.
     pub user_data: u64,
     pub(crate) start: Option<Instant>,
-    /// When the innermost node finished it: every layer's statistics
-    /// measure the latency up to this one reading of the clock.
-    pub(crate) finished: Option<Instant>,
+    /// Its latency, from `start` to when the innermost node finished it:
+    /// the first layer to record the completion reads the clock, and
+    /// every layer's statistics count this one figure.
+    pub(crate) latency_ns: Option<u64>,
     /// Read-only and range were checked where the request entered the
     /// graph (its [`BlockBackend`](crate::backend::BlockBackend), or the
     /// first node): the nodes below do not check again.
@@ -128,7 +129,7 @@ impl Request {
             iovecs,
             user_data: 0,
             start: None,
-            finished: None,
+            latency_ns: None,
             checked: false,
         }
     }

@@ -34,7 +34,7 @@ use crate::bounce::{BounceBuf, BouncePool};
 use crate::completion::{clear_eventfd, LocalCompletions};
 use crate::node::{NodeCommon, NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
-use crate::stats::NodeStats;
+use crate::stats::QueueStats;
 
 /// libblkio completions reaped per `do_io` call.
 const REAP_BATCH: usize = 64;
@@ -72,7 +72,7 @@ pub(in crate::blkio) struct BlkioQueue {
     cfg: Arc<QueueConfig>,
     common: NodeCommon,
     capacity: Arc<AtomicU64>,
-    stats: Arc<NodeStats>,
+    stats: QueueStats,
     /// A duplicate of libblkio's completion eventfd.
     eventfd: Arc<EventFd>,
     local: LocalCompletions,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::control::{Control, MapKey};
 use crate::memory::{RamRegistrar, RegionChange, RegionId, RegionView};
-use crate::stats::NodeStats;
+use crate::stats::QueueStats;
 
 struct Use {
     id: RegionId,
@@ -37,7 +37,7 @@ impl QueueRegions {
 
     /// Applies the registrar's changes; a region the device refuses is
     /// counted in `stats` and never used (its requests bounce).
-    pub fn sync(&mut self, stats: &NodeStats) {
+    pub fn sync(&mut self, stats: &QueueStats) {
         let QueueRegions { view, uses, ctl } = self;
         view.sync(&mut |change| match change {
             RegionChange::Added(id, region) => match ctl.map(region) {

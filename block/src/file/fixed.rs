@@ -7,7 +7,7 @@
 use io_uring::{opcode, IoUring, Probe};
 
 use crate::memory::{RamRegistrar, RegionChange, RegionView};
-use crate::stats::NodeStats;
+use crate::stats::QueueStats;
 
 /// Entries in each ring's buffer table.
 const FIXED_SLOTS: usize = 64;
@@ -45,7 +45,7 @@ impl FixedBuffers {
 
     /// Follows the registrar: registers added regions, unregisters removed
     /// ones. One atomic load when nothing changed.
-    pub fn sync(&mut self, ring: &IoUring, stats: &NodeStats) {
+    pub fn sync(&mut self, ring: &IoUring, stats: &QueueStats) {
         if !self.enabled {
             return;
         }

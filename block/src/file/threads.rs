@@ -13,6 +13,7 @@ use super::{sync_io, QueueContext};
 use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions, SharedCompletions};
 use crate::node::{NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestError, SubmitError};
+use crate::stats::QueueStats;
 use crate::BlockError;
 
 struct Jobs {
@@ -133,6 +134,7 @@ pub(super) struct ThreadsQueue {
     local: LocalCompletions,
     eventfd: Arc<EventFd>,
     in_flight: usize,
+    stats: QueueStats,
 }
 
 impl ThreadsQueue {
@@ -140,6 +142,7 @@ impl ThreadsQueue {
         let eventfd = Arc::new(new_eventfd()?);
         Ok(ThreadsQueue {
             pool: WorkerPool::new(ctx.clone(), threads, eventfd.clone())?,
+            stats: ctx.stats.queue(),
             ctx,
             batch: Vec::with_capacity(64),
             local: LocalCompletions::new(eventfd.clone()),
@@ -188,7 +191,7 @@ impl NodeQueue for ThreadsQueue {
         self.local.drain_into(out);
         self.pool.drain_into(out);
         for c in &mut out[start..] {
-            self.ctx.stats.record_completion(c);
+            self.stats.record_completion(c);
         }
         let n = out.len() - start;
         self.in_flight -= n;

@@ -19,6 +19,7 @@ use super::QueueContext;
 use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::node::{NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
+use crate::stats::QueueStats;
 use crate::{sys, BlockError};
 
 /// Submission queue entries per ring.
@@ -54,6 +55,7 @@ pub(super) struct UringQueue {
     in_slow: usize,
     eventfd: Arc<EventFd>,
     in_flight: usize,
+    stats: QueueStats,
 }
 
 /// A ring whose completions do not interrupt the thread (COOP_TASKRUN)
@@ -83,6 +85,7 @@ impl UringQueue {
         Ok(UringQueue {
             slow: WorkerPool::new(ctx.clone(), SLOW_THREADS, eventfd.clone())?,
             fixed: FixedBuffers::new(&ring, &ctx.registrar),
+            stats: ctx.stats.queue(),
             ctx,
             ring,
             slots: Vec::with_capacity(MAX_IN_RING),
@@ -162,7 +165,7 @@ impl UringQueue {
             _ => None,
         };
         if fixed.is_some() {
-            self.ctx.stats.count_registered();
+            self.stats.count_registered();
         }
         let sqe = Self::sqe_for(self.ctx.inner.file.as_raw_fd(), &req, slot, fixed);
         self.slots[slot as usize] = Some(req);
@@ -244,7 +247,7 @@ impl UringQueue {
         }
         self.local.drain_into(out);
         for c in &mut out[start..] {
-            self.ctx.stats.record_completion(c);
+            self.stats.record_completion(c);
         }
         let n = out.len() - start;
         self.in_flight -= n;
@@ -258,7 +261,7 @@ impl UringQueue {
 
 impl NodeQueue for UringQueue {
     fn sync_memory(&mut self) {
-        self.fixed.sync(&self.ring, &self.ctx.stats);
+        self.fixed.sync(&self.ring, &self.stats);
     }
 
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
@@ -272,7 +275,7 @@ impl NodeQueue for UringQueue {
             Precheck::Forward(req) => req,
         };
         let req = check_segments(req, self.ctx.inner.limits.max_segments)?;
-        self.fixed.sync(&self.ring, &self.ctx.stats);
+        self.fixed.sync(&self.ring, &self.stats);
         let inner = &self.ctx.inner;
         let fast = match req.op() {
             RequestOp::Read | RequestOp::Write => {

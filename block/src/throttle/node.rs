@@ -24,7 +24,7 @@ use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::limits::BlockLimits;
 use crate::node::{BlockNode, BlockStatus, NodeCommon, NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestOp, SubmitError};
-use crate::stats::NodeStats;
+use crate::stats::{NodeStats, QueueStats};
 use crate::BlockError;
 
 /// The `throttle` node.
@@ -119,7 +119,7 @@ struct ThrottleQueue {
     group: Arc<ThrottleGroup>,
     member: u64,
     waker: Arc<Waker>,
-    stats: Arc<NodeStats>,
+    stats: QueueStats,
     capacity_of: Arc<dyn BlockNode>,
     /// Requests waiting for the buckets, reads and writes.
     waiting: [VecDeque<Request>; 2],
@@ -175,7 +175,7 @@ impl ThrottleQueue {
             group: node.group.clone(),
             member,
             waker,
-            stats: node.stats.clone(),
+            stats: node.stats.queue(),
             capacity_of: node.child.clone(),
             waiting: [VecDeque::new(), VecDeque::new()],
             local: LocalCompletions::new(eventfd),
@@ -235,7 +235,10 @@ impl ThrottleQueue {
 
 impl NodeQueue for ThrottleQueue {
     fn submit(&mut self, req: Request) -> Result<(), SubmitError> {
-        let req = match self.common.precheck(req, self.capacity_of.capacity())? {
+        let req = match self
+            .common
+            .precheck_with(req, || self.capacity_of.capacity())?
+        {
             Precheck::Done(c) => {
                 self.local.push_quiet(c);
                 return Ok(());

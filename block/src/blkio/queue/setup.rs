@@ -133,7 +133,7 @@ impl BlkioQueue {
             cfg: cx.cfg,
             common: cx.common,
             capacity: cx.capacity,
-            stats: cx.stats,
+            stats: cx.stats.queue(),
             local: LocalCompletions::new(eventfd.clone()),
             eventfd,
             slots: Vec::new(),

@@ -36,6 +36,7 @@ use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::nbd::proto::*;
 use crate::node::{NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
+use crate::stats::QueueStats;
 use crate::{sys, BlockError};
 
 mod reconnect;
@@ -89,6 +90,7 @@ enum Link {
 /// A queue of an [`super::NbdNode`].
 pub(super) struct NbdQueue {
     shared: Arc<Shared>,
+    stats: QueueStats,
     link: Link,
     epoll: OwnedFd,
     eventfd: Arc<EventFd>,
@@ -243,6 +245,7 @@ impl NbdQueue {
         })
         .map_err(|e| os_error("watch the NBD socket", e))?;
         Ok(NbdQueue {
+            stats: shared.stats.queue(),
             shared,
             link: Link::Up(sock),
             epoll,
@@ -553,7 +556,7 @@ impl NodeQueue for NbdQueue {
         let start = out.len();
         self.run(out);
         for c in &mut out[start..] {
-            self.shared.stats.record_completion(c);
+            self.stats.record_completion(c);
         }
         out.len() - start
     }
