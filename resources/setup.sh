@@ -31,6 +31,20 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
 fi
 
+# The rbd driver's tests and benchmark run a throw-away Ceph cluster
+# (resources/ceph/start.sh): ceph-mon and ceph-osd are its daemons,
+# ceph-common holds the ceph, rbd and ceph-authtool tools, librbd1 the
+# library blkvm and fio's rbd engine load. No recommends: they pull in
+# Ceph's systemd units' companions and Python tools the tests do not use.
+need=()
+for pkg in ceph-mon ceph-osd ceph-common librbd1; do
+    installed "$pkg" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    apt_update
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
 # qemu-system-x86 10.x from backports runs the real-Linux-guest tests
 # (vhost-user-blk-pci under TCG). Bookworm's 7.2 conflicts with the
 # qemu-utils 10.x the image ships, so it must come from backports.

@@ -19,6 +19,7 @@ use crate::nbd::tls::TlsCredsX509;
 use crate::node::BlockNode;
 use crate::null::NullNode;
 use crate::raw::RawNode;
+use crate::rbd::{RbdNode, Secret};
 use crate::throttle::{ThrottleGroup, ThrottleNode};
 use crate::BlockError;
 
@@ -45,6 +46,8 @@ pub struct BlockGraph {
     tls_creds: HashMap<String, TlsCredsX509>,
     /// `throttle-group` objects `throttle` nodes may name.
     throttle_groups: HashMap<String, Arc<ThrottleGroup>>,
+    /// `secret` objects nodes may name (`key-secret=ID`).
+    secrets: HashMap<String, Secret>,
 }
 
 /// Nodes opened by one `add`, inserted only when all of them opened.
@@ -71,6 +74,11 @@ impl BlockGraph {
     /// Makes a `tls-creds-x509` object available to nodes as `tls-creds=id`.
     pub fn add_tls_creds(&mut self, id: String, creds: TlsCredsX509) {
         self.tls_creds.insert(id, creds);
+    }
+
+    /// Makes a `secret` object available to nodes as `key-secret=id`.
+    pub fn add_secret(&mut self, id: String, secret: Secret) {
+        self.secrets.insert(id, secret);
     }
 
     /// Makes a throttle group available to `throttle` nodes.
@@ -200,6 +208,9 @@ impl BlockGraph {
             }
             BlockdevDriver::Qcow2(q) => {
                 self.open_qcow2(&name, common, q, pending, &mut children)?
+            }
+            BlockdevDriver::Rbd(o) => {
+                Arc::new(RbdNode::open(name.clone(), common, o, &self.secrets)?)
             }
         };
         for child in children {

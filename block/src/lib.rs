@@ -9,7 +9,7 @@
 //!   (the request check, per-user stats, the error policy);
 //! - [`graph`]: [`BlockGraph`], names, children, users;
 //! - drivers: [`file`] (threads and io_uring engines), [`raw`], [`null`],
-//!   [`qcow2`];
+//!   [`qcow2`], [`rbd`];
 //! - [`memory`]: the RAM registrar; [`bounce`]: per-queue bounce pools;
 //! - [`limits`], [`stats`]; system calls live in `sys` and the engines.
 
@@ -29,6 +29,7 @@ pub mod node;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod rbd;
 pub mod request;
 pub mod stats;
 mod sys;

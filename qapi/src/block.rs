@@ -134,6 +134,9 @@ pub enum BlockdevDriver {
     /// The qcow2 format driver.
     #[serde(rename = "qcow2")]
     Qcow2(crate::qcow2::BlockdevOptionsQcow2),
+    /// Ceph RBD through librbd.
+    #[serde(rename = "rbd")]
+    Rbd(crate::rbd::BlockdevOptionsRbd),
 }
 
 impl BlockdevDriver {
@@ -151,6 +154,7 @@ impl BlockdevDriver {
             Self::Nbd(_) => "nbd",
             Self::Throttle(_) => "throttle",
             Self::Qcow2(_) => "qcow2",
+            Self::Rbd(_) => "rbd",
         }
     }
 }

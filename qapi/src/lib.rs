@@ -28,6 +28,7 @@ pub mod keyval;
 pub mod object;
 pub mod qcow2;
 pub mod qmp;
+pub mod rbd;
 mod size;
 pub mod throttle;
 pub mod value;
@@ -37,6 +38,7 @@ use serde::de::DeserializeOwned;
 pub use block::*;
 pub use error::QapiError;
 pub use qcow2::{BlockdevOptionsQcow2, Qcow2Backing};
+pub use rbd::{BlockdevOptionsRbd, RbdAuthMode, SecretFormat, SecretProperties};
 pub use size::{parse_size, Size, SizeError};
 pub use value::Value;
 

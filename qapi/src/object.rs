@@ -32,6 +32,8 @@ pub enum ObjectProperties {
     TlsCredsX509(TlsCredsX509Properties),
     /// Limits shared by `throttle` nodes.
     ThrottleGroup(Box<crate::throttle::ThrottleGroupProperties>),
+    /// A secret (an rbd node's `key-secret`).
+    Secret(crate::rbd::SecretProperties),
 }
 
 impl ObjectProperties {
@@ -41,6 +43,7 @@ impl ObjectProperties {
             Self::Iothread(_) => "iothread",
             Self::TlsCredsX509(_) => "tls-creds-x509",
             Self::ThrottleGroup(_) => "throttle-group",
+            Self::Secret(_) => "secret",
         }
     }
 }
@@ -101,6 +104,7 @@ enum QomType {
     Iothread,
     TlsCredsX509,
     ThrottleGroup,
+    Secret,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +119,7 @@ fn object_at(value: &Value, path: &str) -> Result<ObjectOptions, DeError> {
         QomType::Iothread => ObjectProperties::Iothread(union.variant()?),
         QomType::TlsCredsX509 => ObjectProperties::TlsCredsX509(union.variant()?),
         QomType::ThrottleGroup => ObjectProperties::ThrottleGroup(union.variant()?),
+        QomType::Secret => ObjectProperties::Secret(union.variant()?),
     };
     let ObjectBase { id } = union.base()?;
     Ok(ObjectOptions { id, properties })

@@ -97,6 +97,9 @@ pub fn open_blockdevs(args: &[String], objects: &Objects) -> Result<(BlockGraph,
     for g in objects.throttle_groups.values() {
         graph.add_throttle_group(g.clone());
     }
+    for (id, s) in &objects.secrets {
+        graph.add_secret(id.clone(), s.clone());
+    }
     let mut last = None;
     for arg in args {
         let opts = qapi::parse_blockdev(arg).with_context(|| format!("--blockdev {arg}"))?;
@@ -115,6 +118,8 @@ pub struct Objects {
     pub tls_creds: HashMap<String, TlsCredsX509>,
     /// `throttle-group` objects.
     pub throttle_groups: HashMap<String, Arc<ThrottleGroup>>,
+    /// `secret` objects, read and decoded.
+    pub secrets: HashMap<String, block::rbd::Secret>,
 }
 
 /// Every `--object` (a duplicate id refused, TLS credentials that cannot
@@ -127,6 +132,7 @@ pub fn objects(args: &[String]) -> Result<Objects> {
         if out.iothreads.contains_key(&o.id)
             || out.tls_creds.contains_key(&o.id)
             || out.throttle_groups.contains_key(&o.id)
+            || out.secrets.contains_key(&o.id)
         {
             bail!("--object {arg}: duplicate ID '{}' for object", o.id);
         }
@@ -140,6 +146,11 @@ pub fn objects(args: &[String]) -> Result<Objects> {
                     .map_err(|e| anyhow::anyhow!(e))
                     .with_context(|| format!("--object {arg}"))?;
                 out.throttle_groups.insert(o.id, Arc::new(g));
+            }
+            ObjectProperties::Secret(p) => {
+                let secret =
+                    block::rbd::Secret::load(&p).with_context(|| format!("--object {arg}"))?;
+                out.secrets.insert(o.id, secret);
             }
             ObjectProperties::TlsCredsX509(p) => {
                 let creds = tls_creds(&p);

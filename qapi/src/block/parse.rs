@@ -45,6 +45,7 @@ enum DriverName {
     Nbd,
     Throttle,
     Qcow2,
+    Rbd,
 }
 
 /// Parses the `BlockdevOptions` at the dotted `path` (empty for the root).
@@ -62,6 +63,7 @@ pub(crate) fn blockdev_at(value: &Value, path: &str) -> Result<BlockdevOptions, 
         DriverName::Nbd => BlockdevDriver::Nbd(union.variant()?),
         DriverName::Throttle => BlockdevDriver::Throttle(union.variant()?),
         DriverName::Qcow2 => BlockdevDriver::Qcow2(union.variant()?),
+        DriverName::Rbd => BlockdevDriver::Rbd(union.variant()?),
     };
     let common = union.base()?;
     Ok(BlockdevOptions { common, driver })

@@ -200,3 +200,23 @@ fn glibc_overcommit_probe_is_refused_without_ending_the_process() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out, "refused");
 }
+
+#[test]
+fn only_the_monitor_gains_what_a_ceph_client_needs() {
+    for profile in PROFILES {
+        let monitor = rules(profile, ThreadKind::Monitor);
+        for call in [libc::SYS_epoll_create, libc::SYS_pipe2] {
+            assert!(monitor.contains_key(&call), "monitor lacks call {call}");
+        }
+        for kind in [
+            ThreadKind::IoThread,
+            ThreadKind::Export,
+            ThreadKind::FileWorker,
+        ] {
+            let r = rules(profile, kind);
+            for call in [libc::SYS_epoll_create, libc::SYS_pipe2] {
+                assert!(!r.contains_key(&call), "{kind:?} may make call {call}");
+            }
+        }
+    }
+}
