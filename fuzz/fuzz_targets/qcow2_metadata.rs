@@ -5,6 +5,11 @@
 //! block status and grown at offsets the operation bytes pick. Nothing
 //! may panic, write outside its buffers or hang: a bad image must give
 //! errors.
+//!
+//! The file node uses `aio=io_uring`: its queue starts 2 slow-path
+//! threads where `aio=threads` starts 16, and thread creation was most of
+//! an execution (295 executions/s with threads, about 1,100 with io_uring;
+//! io_uring also reaches more of the driver).
 
 #![no_main]
 
@@ -44,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
     let mut g = BlockGraph::new();
     let arg = format!(
-        "qcow2,node-name=q0,discard=unmap,backing=null,file.driver=file,file.filename={path},file.locking=off"
+        "qcow2,node-name=q0,discard=unmap,backing=null,file.driver=file,file.filename={path},file.locking=off,file.aio=io_uring"
     );
     let opts = qapi::parse_blockdev(&arg).expect("options parse");
     let node = match g.add(&opts) {
