@@ -1,40 +1,69 @@
-//! Writes: clusters written in place (allocated, refcount one) become host
-//! ranges the caller submits asynchronously with the guest's iovecs; the
-//! others are allocated here:
+//! Writes, as QEMU's qcow2 does them (`handle_copied`, `handle_alloc`,
+//! `qcow2_alloc_cluster_link_l2`): clusters written in place (allocated,
+//! refcount one) become host ranges; the others are allocated, in three
+//! steps that never wait for the disk under the metadata lock:
 //!
-//! 1. under the lock: the L2 table made to exist (written and flushed at
-//!    once), clusters allocated (refcounts raised in the cache); the guest
-//!    clusters marked busy;
-//! 2. without the lock: the data written, with the copy-on-write head and
-//!    tail (from the backing node, the old or compressed cluster);
-//! 3. under the lock: the L2 entries pointed at the new clusters (in the
-//!    cache), old clusters (compressed, shared, zero-allocated) queued to
-//!    be let go; the busy mark removed.
+//! 1. [`Meta::plan_write`], under the lock: the L2 table made to exist
+//!    (a new one is written and flushed at once, rare), host clusters
+//!    handed out (refcounts raised in the cache only), the guest clusters
+//!    marked busy;
+//! 2. [`run_iovecs`], without the lock: the data of each run of new
+//!    clusters, with the copy-on-write head and tail around the guest's
+//!    bytes, becomes one write the caller submits asynchronously, many in
+//!    flight. A new cluster that reads as zeroes already (past the end of
+//!    the file as it was opened, [`Meta::is_fresh`]) over an old one that
+//!    read as zeroes needs no copy at all: only the guest's bytes are
+//!    written, from the guest's own (registered) iovecs;
+//! 3. [`Meta::commit_runs`], under the lock, once that write completed:
+//!    the L2 entries point at the new clusters (in the cache, dirty), old
+//!    clusters (compressed, shared, zero-allocated) are queued to be let
+//!    go, the busy marks removed and the writers waiting for them woken.
 //!
-//! Nothing of step 1 and 3 reaches the disk until a checkpoint
-//! ([`Meta::checkpoint`]: at a guest flush or FUA write, when half a cache
-//! is dirty, on close), which writes in the order that keeps the image
-//! consistent at every instant, as QEMU's cache dependencies do:
-//! refcounts, flush (the data too), L2 entries, flush, lowered refcounts.
-//! A crash at any point leaks clusters at worst, and loses only writes no
-//! flush acknowledged. Reads meanwhile see the cache.
-//! Other writers of
-//! a busy guest cluster wait for step 3 (allocation of one cluster is
-//! serialised); writes to other clusters go on meanwhile, and so do reads,
-//! which see the old mapping until the new one is complete.
+//! Nothing of steps 1 and 3 reaches the disk until a checkpoint
+//! ([`Meta::checkpoint`]: a guest flush, a FUA write that allocated, half
+//! a cache dirty, a clean close), which writes in the order QEMU's cache
+//! dependencies give (`qcow2_cache_set_dependency`,
+//! `qcow2_cache_depends_on_flush`): refcount blocks, flush (which also
+//! makes the data of every committed run durable: step 3 runs only after
+//! its data write completed), L2 slices, flush, lowered refcounts. So a
+//! crash at any point leaves L2 entries that point only at clusters whose
+//! refcount is on disk (leaks at worst), and loses only writes no flush
+//! acknowledged. Refcount writes are as rare as checkpoints: between two,
+//! any number of allocations only change the cache.
+//!
+//! A request that touches a busy guest cluster waits (the queue defers it
+//! and retries when marks go): allocation of one cluster is serialised,
+//! of different clusters it runs in parallel. Reads of a busy cluster see
+//! the old mapping until the new one is complete.
 
-use super::io::{self, iovec_of, slice_iovecs};
+use super::io::{self, iovec_of, slice_iovecs, AlignedBuf};
 use super::meta::{self, Geometry, Mapping, Meta, COPIED};
-use super::plan::{Backing, HostRange};
-use super::{Qcow2Error, Shared};
+use super::plan::{push_host, Backing, HostRange};
+use super::Qcow2Error;
 use crate::node::{BlockNode, NodeQueue};
 
-/// Guest clusters being allocated: what step 1 made for step 2 and 3.
-struct Run {
+/// Guest clusters being allocated: what step 1 made for steps 2 and 3.
+pub(crate) struct Run {
     gc: u64,
     n: u64,
     host: u64,
     olds: Vec<Mapping>,
+    /// The new host clusters read as zeroes already.
+    fresh: bool,
+    /// The guest bytes `[start, end)` the request writes into the run.
+    start: u64,
+    end: u64,
+    /// Where those bytes start in the request's data.
+    skip: usize,
+}
+
+/// What a write becomes under the lock.
+#[derive(Default)]
+pub(crate) struct WritePlan {
+    /// Ranges of allocated clusters written in place.
+    pub direct: Vec<HostRange>,
+    /// Runs of new clusters, marked busy.
+    pub runs: Vec<Run>,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(crate::RequestError) -> Qcow2Error {
@@ -45,19 +74,102 @@ fn io_err(what: &'static str) -> impl FnOnce(crate::RequestError) -> Qcow2Error 
 }
 
 impl Meta {
-    /// Step 1 for guest clusters `gc..gc + n` (within one L2 table).
-    fn prepare_run(&mut self, io: &mut dyn NodeQueue, gc: u64, n: u64) -> Result<Run, Qcow2Error> {
-        self.ensure_l2(io, gc)?;
-        let olds = (gc..gc + n)
-            .map(|c| self.mapping(io, c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let host = self.alloc(io, n)?;
-        self.busy.extend(gc..gc + n);
-        Ok(Run { gc, n, host, olds })
+    /// Whether a guest cluster of the bytes `[off, end)` is busy.
+    pub fn any_busy(&self, off: u64, end: u64) -> bool {
+        if self.busy.is_empty() || end <= off {
+            return false;
+        }
+        let cs = self.g.cluster_size();
+        (off / cs..end.div_ceil(cs)).any(|c| self.busy.contains(&c))
     }
 
-    /// Step 3: the L2 entries, then the old clusters let go.
-    fn commit_run(&mut self, io: &mut dyn NodeQueue, run: &Run) -> Result<(), Qcow2Error> {
+    /// Step 1 for a write of `len` bytes at guest `off` whose data starts
+    /// at `skip` of the request's; no cluster of it may be busy. On error
+    /// the runs planned so far stay in `plan` for [`Meta::commit_runs`]
+    /// to release.
+    pub fn plan_write(
+        &mut self,
+        io: &mut dyn NodeQueue,
+        off: u64,
+        len: u64,
+        skip: usize,
+        plan: &mut WritePlan,
+    ) -> Result<(), Qcow2Error> {
+        let cs = self.g.cluster_size();
+        let end = off + len;
+        let mut gc = off / cs;
+        while gc * cs < end {
+            let at = (gc * cs).max(off);
+            if let Mapping::Normal { host, copied: true } = self.mapping(io, gc)? {
+                let n = ((gc + 1) * cs).min(end) - at;
+                push_host(
+                    &mut plan.direct,
+                    HostRange {
+                        host: host + at % cs,
+                        skip: skip + (at - off) as usize,
+                        len: n as usize,
+                    },
+                );
+                gc += 1;
+                continue;
+            }
+            // A run of clusters to allocate, within one L2 table.
+            let mut n = 1;
+            while (gc + n) * cs < end
+                && !(gc + n).is_multiple_of(self.g.l2_entries())
+                && !matches!(
+                    self.mapping(io, gc + n)?,
+                    Mapping::Normal { copied: true, .. }
+                )
+            {
+                n += 1;
+            }
+            self.ensure_l2(io, gc)?;
+            let olds = (gc..gc + n)
+                .map(|c| self.mapping(io, c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let host = self.alloc(io, n)?;
+            self.busy.extend(gc..gc + n);
+            let run_end = ((gc + n) * cs).min(end);
+            plan.runs.push(Run {
+                gc,
+                n,
+                host,
+                olds,
+                fresh: self.is_fresh(host >> self.g.cluster_bits),
+                start: at,
+                end: run_end,
+                skip: skip + (at - off) as usize,
+            });
+            gc += n;
+        }
+        Ok(())
+    }
+
+    /// Step 3: when `ok` (their data is written), the L2 entries of `runs`
+    /// point at the new clusters and the old ones are queued to be let go;
+    /// otherwise the new clusters stay allocated and unreferenced (leaked,
+    /// as a crash would leave them). Either way the busy marks go.
+    pub fn commit_runs(
+        &mut self,
+        io: &mut dyn NodeQueue,
+        runs: &[Run],
+        ok: bool,
+    ) -> Result<(), Qcow2Error> {
+        let mut done = Ok(());
+        if ok {
+            done = runs.iter().try_for_each(|r| self.link_run(io, r));
+        }
+        for r in runs {
+            for c in r.gc..r.gc + r.n {
+                self.busy.remove(&c);
+            }
+        }
+        done?;
+        self.maybe_checkpoint(io)
+    }
+
+    fn link_run(&mut self, io: &mut dyn NodeQueue, run: &Run) -> Result<(), Qcow2Error> {
         let cs = self.g.cluster_size();
         // What the entries hold now: the busy mark kept other writers and
         // clears away, so this is what `olds` was.
@@ -68,7 +180,7 @@ impl Meta {
             self.set_l2(io, run.gc + i, (run.host + i * cs) | COPIED)?;
         }
         self.drop_old(&current);
-        self.maybe_checkpoint(io)
+        Ok(())
     }
 }
 
@@ -110,149 +222,80 @@ fn read_old(
     }
 }
 
-/// Step 2: the run's data, with what the request does not cover copied
-/// from the old clusters.
-///
-/// # Safety
-/// The iovecs must be valid for reads until this returns.
-#[allow(clippy::too_many_arguments)]
-unsafe fn write_run_data(
-    g: &Geometry,
-    child: &dyn BlockNode,
-    io: &mut dyn NodeQueue,
-    mut backing: Option<&mut Backing>,
+/// Where the copy-on-write bytes of a run come from.
+pub(crate) struct CowSource<'a> {
+    pub g: Geometry,
+    pub child: &'a dyn BlockNode,
+    pub io: &'a mut dyn NodeQueue,
+    pub backing: Option<&'a mut Backing>,
+    /// At least one cluster of zeroes.
+    pub zeroes: &'a AlignedBuf,
+}
+
+impl CowSource<'_> {
+    /// Iovecs of the `len` guest bytes at `guest` as mapping `m` has them:
+    /// nothing when they read as zeroes in a fresh cluster, the shared
+    /// zeroes, or a buffer read now (kept in `bufs`).
+    fn part(
+        &mut self,
+        m: Mapping,
+        fresh: bool,
+        guest: u64,
+        len: usize,
+        bufs: &mut Vec<AlignedBuf>,
+    ) -> Result<Option<libc::iovec>, Qcow2Error> {
+        let zero = match m {
+            Mapping::Unallocated => self.backing.is_none(),
+            Mapping::Zero(_) => true,
+            _ => false,
+        };
+        if len == 0 || (zero && fresh) {
+            return Ok(None);
+        }
+        if zero {
+            return Ok(Some(self.zeroes.iovec(0, len)));
+        }
+        let mut buf = AlignedBuf::zeroed(len);
+        read_old(
+            &self.g,
+            self.child,
+            &mut *self.io,
+            self.backing.as_deref_mut(),
+            m,
+            guest,
+            buf.bytes_mut(),
+        )?;
+        let iov = buf.iovec(0, len);
+        bufs.push(buf);
+        Ok(Some(iov))
+    }
+}
+
+/// Step 2: the host offset and iovecs of the one write that fills `run`:
+/// its copy-on-write head (unless it reads as zeroes already), the
+/// request's bytes from `data`, its tail. Buffers read for the copy go to
+/// `bufs`, which must outlive the write.
+pub(crate) fn run_iovecs(
+    src: &mut CowSource<'_>,
     run: &Run,
-    off: u64,
-    iovecs: &[libc::iovec],
-) -> Result<(), Qcow2Error> {
-    let cs = g.cluster_size();
-    let len: u64 = iovecs.iter().map(|v| v.iov_len as u64).sum();
-    let end = off + len;
+    data: &[libc::iovec],
+    bufs: &mut Vec<AlignedBuf>,
+) -> Result<(u64, Vec<libc::iovec>), Qcow2Error> {
+    let cs = src.g.cluster_size();
     let run_start = run.gc * cs;
     let run_end = run_start + run.n * cs;
-    let (w_start, w_end) = (off.max(run_start), end.min(run_end));
-    let mut head = vec![0u8; (w_start - run_start) as usize];
-    let first = run.olds[0];
-    read_old(
-        g,
-        child,
-        io,
-        backing.as_deref_mut(),
-        first,
-        run_start,
-        &mut head,
-    )?;
-    let mut tail = vec![0u8; (run_end - w_end) as usize];
+    let head_len = (run.start - run_start) as usize;
+    let tail_len = (run_end - run.end) as usize;
     let last = run.olds[run.n as usize - 1];
-    read_old(g, child, io, backing, last, w_end, &mut tail)?;
-    let mut iov = Vec::new();
-    if !head.is_empty() {
-        iov.push(iovec_of(&mut head));
+    let head = src.part(run.olds[0], run.fresh, run_start, head_len, bufs)?;
+    let tail = src.part(last, run.fresh, run.end, tail_len, bufs)?;
+    let mut iov = Vec::with_capacity(data.len() + 2);
+    let mut host = run.host + (run.start - run_start);
+    if let Some(h) = head {
+        iov.push(h);
+        host = run.host;
     }
-    iov.extend(slice_iovecs(
-        iovecs,
-        (w_start - off) as usize,
-        (w_end - w_start) as usize,
-    ));
-    if !tail.is_empty() {
-        iov.push(iovec_of(&mut tail));
-    }
-    // SAFETY: `head` and `tail` live to the end of this function, the
-    // guest's iovecs as long as our caller promised.
-    unsafe { io::pwritev(io, run.host, iov) }.map_err(io_err("write allocated clusters"))
-}
-
-/// Writes `iovecs` at guest `off`: clusters that need allocating are
-/// written here; ranges to write in place are returned in `direct`.
-/// Returns whether anything was allocated.
-///
-/// # Safety
-/// The iovecs must be valid for reads until this returns.
-pub(crate) unsafe fn write(
-    shared: &Shared,
-    io: &mut dyn NodeQueue,
-    mut backing: Option<&mut Backing>,
-    off: u64,
-    iovecs: &[libc::iovec],
-    direct: &mut Vec<HostRange>,
-) -> Result<bool, Qcow2Error> {
-    let len: u64 = iovecs.iter().map(|v| v.iov_len as u64).sum();
-    let end = off + len;
-    let mut meta = shared.lock();
-    let (g, child) = (meta.g, meta.child.clone());
-    let cs = g.cluster_size();
-    let mut allocated = false;
-    let mut gc = off / cs;
-    while gc * cs < end {
-        if meta.busy.contains(&gc) {
-            meta = shared.wait(meta);
-            continue;
-        }
-        let at = (gc * cs).max(off);
-        if let Mapping::Normal { host, copied: true } = meta.mapping(io, gc)? {
-            let n = ((gc + 1) * cs).min(end) - at;
-            super::plan::push_host(
-                direct,
-                HostRange {
-                    host: host + at % cs,
-                    skip: (at - off) as usize,
-                    len: n as usize,
-                },
-            );
-            gc += 1;
-            continue;
-        }
-        // A run of clusters to allocate, within one L2 table.
-        let mut n = 1;
-        while (gc + n) * cs < end
-            && !(gc + n).is_multiple_of(g.l2_entries())
-            && !meta.busy.contains(&(gc + n))
-            && !matches!(
-                meta.mapping(io, gc + n)?,
-                Mapping::Normal { copied: true, .. }
-            )
-        {
-            n += 1;
-        }
-        let run = meta.prepare_run(io, gc, n)?;
-        drop(meta);
-        // SAFETY: forwarded from our caller.
-        let data = unsafe {
-            write_run_data(
-                &g,
-                child.as_ref(),
-                io,
-                backing.as_deref_mut(),
-                &run,
-                off,
-                iovecs,
-            )
-        };
-        meta = shared.lock();
-        let done = data.and_then(|()| meta.commit_run(io, &run));
-        for c in run.gc..run.gc + run.n {
-            meta.busy.remove(&c);
-        }
-        shared.wake();
-        // On failure the new clusters stay allocated and unreferenced:
-        // leaked, as a crash would leave them.
-        done?;
-        allocated = true;
-        gc += n;
-    }
-    Ok(allocated)
-}
-
-/// Waits until no guest cluster of `first..first + n` is busy; returns
-/// the guard again.
-pub(crate) fn wait_idle<'a>(
-    shared: &'a Shared,
-    mut meta: std::sync::MutexGuard<'a, Meta>,
-    first: u64,
-    n: u64,
-) -> std::sync::MutexGuard<'a, Meta> {
-    while (first..first + n).any(|c| meta.busy.contains(&c)) {
-        meta = shared.wait(meta);
-    }
-    meta
+    iov.extend(slice_iovecs(data, run.skip, (run.end - run.start) as usize));
+    iov.extend(tail);
+    Ok((host, iov))
 }

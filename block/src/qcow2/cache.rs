@@ -36,7 +36,7 @@ impl Slice {
     }
 
     /// Sets u64 entry `i`.
-    pub fn set_u64(&mut self, i: usize, v: u64) {
+    fn set_u64(&mut self, i: usize, v: u64) {
         self.data[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
         self.dirty |= 1 << (i * 8 / SECTOR);
     }
@@ -47,7 +47,7 @@ impl Slice {
     }
 
     /// Sets u16 entry `i`.
-    pub fn set_u16(&mut self, i: usize, v: u16) {
+    fn set_u16(&mut self, i: usize, v: u16) {
         self.data[i * 2..i * 2 + 2].copy_from_slice(&v.to_be_bytes());
         self.dirty |= 1 << (i * 2 / SECTOR);
     }
@@ -59,6 +59,9 @@ pub(crate) struct SliceCache {
     capacity: usize,
     slices: HashMap<u64, Slice>,
     clock: u64,
+    /// Slices with `dirty != 0`, counted as they change: asked after
+    /// every allocation, where counting them would walk the cache.
+    dirty_slices: usize,
 }
 
 impl SliceCache {
@@ -71,12 +74,13 @@ impl SliceCache {
             capacity: capacity.max(2),
             slices: HashMap::new(),
             clock: 0,
+            dirty_slices: 0,
         }
     }
 
     /// Slices with unwritten changes.
     pub fn dirty_count(&self) -> usize {
-        self.slices.values().filter(|s| s.dirty != 0).count()
+        self.dirty_slices
     }
 
     /// Whether enough slices are dirty that they should be written back
@@ -111,12 +115,42 @@ impl SliceCache {
         Ok(s)
     }
 
+    /// Sets u64 entry `i` of the slice at `off`.
+    pub fn set_u64(
+        &mut self,
+        io: &mut dyn NodeQueue,
+        off: u64,
+        i: usize,
+        v: u64,
+    ) -> Result<(), Qcow2Error> {
+        let s = self.get(io, off)?;
+        let was_clean = s.dirty == 0;
+        s.set_u64(i, v);
+        self.dirty_slices += usize::from(was_clean);
+        Ok(())
+    }
+
+    /// Sets u16 entry `i` of the slice at `off`.
+    pub fn set_u16(
+        &mut self,
+        io: &mut dyn NodeQueue,
+        off: u64,
+        i: usize,
+        v: u16,
+    ) -> Result<(), Qcow2Error> {
+        let s = self.get(io, off)?;
+        let was_clean = s.dirty == 0;
+        s.set_u16(i, v);
+        self.dirty_slices += usize::from(was_clean);
+        Ok(())
+    }
+
     /// Caches the slices of a table that was just zeroed on disk, without
     /// reading them back.
     pub fn insert_zeroed(&mut self, off: u64, len: u64) {
         let mut at = off;
         while at < off + len && self.slices.len() < self.capacity {
-            self.slices.insert(
+            let old = self.slices.insert(
                 at,
                 Slice {
                     data: vec![0u8; self.slice_bytes],
@@ -124,6 +158,9 @@ impl SliceCache {
                     last_use: self.clock,
                 },
             );
+            if old.is_some_and(|o| o.dirty != 0) {
+                self.dirty_slices -= 1;
+            }
             at += self.slice_bytes as u64;
         }
     }
@@ -168,6 +205,7 @@ impl SliceCache {
                 })?;
             }
             s.dirty = 0;
+            self.dirty_slices -= 1;
         }
         Ok(())
     }

@@ -71,21 +71,6 @@ pub(crate) unsafe fn preadv(
     whole(run(q, req), len)
 }
 
-/// Writes `iovecs` at `off`.
-///
-/// # Safety
-/// The iovecs must be valid for reads until this returns.
-pub(crate) unsafe fn pwritev(
-    q: &mut dyn NodeQueue,
-    off: u64,
-    iovecs: Vec<libc::iovec>,
-) -> Result<(), RequestError> {
-    let len = iovecs.iter().map(|v| v.iov_len).sum();
-    // SAFETY: as for `preadv`.
-    let req = unsafe { Request::write(off, iovecs, false) };
-    whole(run(q, req), len)
-}
-
 /// Makes everything written so far durable.
 pub(crate) fn flush(q: &mut dyn NodeQueue) -> Result<(), RequestError> {
     run(q, Request::flush()).map(|_| ())
@@ -119,6 +104,45 @@ pub(crate) fn slice_iovecs(
     out
 }
 
+/// Alignment of the buffers the driver makes itself (copy-on-write data,
+/// zeroes): enough for any O_DIRECT file, so their writes take the
+/// protocol node's fast path.
+pub(crate) const BUF_ALIGN: usize = 4096;
+
+/// A heap buffer whose bytes start at a [`BUF_ALIGN`] boundary.
+pub(crate) struct AlignedBuf {
+    mem: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let mem = vec![0u8; len + BUF_ALIGN];
+        let off = mem.as_ptr().align_offset(BUF_ALIGN);
+        AlignedBuf { mem, off, len }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.off..self.off + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// An iovec over bytes `[skip, skip + len)`. The memory stays valid
+    /// (the heap block does not move) as long as the buffer lives.
+    pub fn iovec(&self, skip: usize, len: usize) -> libc::iovec {
+        assert!(skip + len <= self.len, "inside the buffer");
+        libc::iovec {
+            iov_base: self.mem[self.off + skip..].as_ptr().cast_mut().cast(),
+            iov_len: len,
+        }
+    }
+}
+
 /// An iovec over `buf`.
 pub(crate) fn iovec_of(buf: &mut [u8]) -> libc::iovec {
     libc::iovec {
@@ -140,5 +164,14 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!((s[0].iov_len, s[1].iov_len), (3, 3));
         assert_eq!(s[1].iov_base, v[1].iov_base);
+    }
+
+    #[test]
+    fn aligned_buffers_start_at_the_alignment() {
+        for len in [0, 1, 512, 65536] {
+            let b = AlignedBuf::zeroed(len);
+            assert_eq!(b.iovec(0, len).iov_base as usize % BUF_ALIGN, 0);
+            assert_eq!(b.len(), len);
+        }
     }
 }

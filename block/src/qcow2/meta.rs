@@ -1,16 +1,26 @@
 //! The image's metadata in memory: L1 table, refcount table, the slice
 //! caches of L2 tables and refcount blocks, and cluster allocation.
 //!
-//! Every change is written through before the operation that made it
-//! returns, in the order that keeps the image consistent if the process
-//! dies between any two writes (QEMU's rules): a cluster's refcount is on
-//! disk (flushed) before anything points to it, and a pointer is removed
-//! (flushed) before the refcount drops. A crash can leak clusters, never
-//! leave a pointer to a cluster whose refcount is zero.
+//! L2 entries and refcounts change in the caches and reach the disk at a
+//! checkpoint ([`Meta::checkpoint`]); structural changes (a new L2 table
+//! or refcount block, a larger refcount or L1 table, the header) are
+//! written at once. Either way the order keeps the image consistent if
+//! the process dies between any two writes (QEMU's rules): a cluster's
+//! refcount is on disk (flushed) before anything on disk points to it,
+//! and a pointer is removed (flushed) before the refcount drops. A crash
+//! can leak clusters, never leave a pointer to a cluster whose refcount
+//! is zero.
 //!
 //! Clusters freed while the image is open are not reused until it is
 //! opened again: a request still in flight to a cluster's old owner can
-//! then never land in its new one.
+//! then never land in its new one. So every cluster is handed out at most
+//! once per opening, and one past the end of the file as it was opened
+//! has never been written: it reads as zeroes (a hole), and allocating it
+//! needs no zero copy-on-write ([`Meta::is_fresh`]).
+//!
+//! The file grows in steps of [`GROW_STEP`], not a cluster at a time
+//! (one `ftruncate` per step); a clean close gives back what no cluster
+//! took ([`Meta::trim_tail`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,6 +34,10 @@ use crate::node::{BlockNode, NodeQueue};
 pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Refcount table entries: offset bits 9..=63.
 const REFTABLE_MASK: u64 = !0x1ff;
+/// How far the image file grows at once when allocation needs room:
+/// growing per cluster cost an `ftruncate` per allocating write.
+const GROW_STEP: u64 = 4 << 20;
+
 /// L1/L2 entry: the cluster's refcount is exactly one.
 pub(crate) const COPIED: u64 = 1 << 63;
 /// L2 entry: compressed cluster.
@@ -82,11 +96,18 @@ pub(crate) struct Meta {
     reftable_offset: u64,
     l2: SliceCache,
     rc: SliceCache,
-    /// Where the search for a free cluster starts (a cluster index).
+    /// Where the search for a free cluster starts (a cluster index); it
+    /// only moves forward, and every cluster handed out lies below it.
     free_hint: u64,
-    /// Guest clusters being allocated by a thread that left the lock to
-    /// write their data: other writers (and clears) of them wait.
+    /// The first cluster past the end of the file as it was opened.
+    fresh_from: u64,
+    /// The file's size when it was opened.
+    opened_len: u64,
+    /// Guest clusters being allocated, whose data is being written: other
+    /// writes and clears of them are deferred until the mark goes.
     pub busy: HashSet<u64>,
+    /// Queues with requests deferred until busy marks go.
+    pub waiters: Vec<Arc<super::Waker>>,
     /// Clusters whose last reference was removed from an L2 entry that is
     /// not yet on disk: their refcounts drop at the next checkpoint.
     pending_frees: Vec<Mapping>,
@@ -159,6 +180,7 @@ impl Meta {
         let rt_entries = (u64::from(h.reftable_clusters) << h.cluster_bits) / 8;
         let reftable = read_table(io, h.reftable_offset, rt_entries, "refcount table")?;
         let slice = g.slice_bytes();
+        let opened_len = child.capacity();
         let l2_slices = (l2_cache_bytes / slice as u64).clamp(4, 1 << 16) as usize;
         Ok(Meta {
             g,
@@ -172,7 +194,10 @@ impl Meta {
             // 256 KiB of refcounts: 2^17 clusters, 8 GiB of 64 KiB clusters.
             rc: SliceCache::new(slice, (256 << 10) / slice),
             free_hint: 0,
+            fresh_from: opened_len.div_ceil(g.cluster_size()),
+            opened_len,
             busy: HashSet::new(),
+            waiters: Vec::new(),
             pending_frees: Vec::new(),
             child,
         })
@@ -296,7 +321,7 @@ impl Meta {
             )));
         }
         let (slice, i) = self.slice_of(table, gc % self.g.l2_entries(), 8);
-        self.l2.get(io, slice)?.set_u64(i, e);
+        self.l2.set_u64(io, slice, i, e)?;
         Ok(())
     }
 
@@ -429,7 +454,7 @@ impl Meta {
         let new = u16::try_from(new).map_err(|_| {
             Qcow2Error::Corrupt(format!("refcount of cluster {c} would become {new}"))
         })?;
-        s.set_u16(i, new);
+        self.rc.set_u16(io, slice, i, new)?;
         Ok(())
     }
 
@@ -461,12 +486,35 @@ impl Meta {
         Ok(start)
     }
 
-    /// Grows the file to hold clusters below `end_cluster`.
+    /// Grows the file to hold clusters below `end_cluster`, by at least
+    /// [`GROW_STEP`].
     fn extend_file(&mut self, end_cluster: u64) -> Result<(), Qcow2Error> {
         let end = end_cluster << self.g.cluster_bits;
-        if end > self.child.capacity() {
+        let cap = self.child.capacity();
+        if end > cap {
+            let cs = self.g.cluster_size();
+            let target = end.max(cap.saturating_add(GROW_STEP).next_multiple_of(cs));
             self.child
-                .truncate(end)
+                .truncate(target)
+                .or_else(|_| self.child.truncate(end))
+                .map_err(|e| Qcow2Error::Grow(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether host cluster `c` (just handed out) has never been written
+    /// since the image was opened, so reads as zeroes.
+    pub fn is_fresh(&self, c: u64) -> bool {
+        c >= self.fresh_from
+    }
+
+    /// Gives back the end of the file that growth steps reserved and no
+    /// cluster took (at a clean close, with nothing in flight).
+    pub fn trim_tail(&mut self) -> Result<(), Qcow2Error> {
+        let used = (self.free_hint << self.g.cluster_bits).max(self.opened_len);
+        if self.busy.is_empty() && self.child.capacity() > used {
+            self.child
+                .truncate(used)
                 .map_err(|e| Qcow2Error::Grow(e.to_string()))?;
         }
         Ok(())

@@ -11,17 +11,19 @@
 //! - the metadata ([`meta::Meta`]: L1 table, refcount table, bounded slice
 //!   caches of L2 tables and refcount blocks) sits behind one lock shared
 //!   by every queue; lookups and every metadata change happen under it,
-//!   with synchronous I/O on the calling queue's own metadata queue of the
+//!   in the cache; what reaches the disk does so at checkpoints, with
+//!   synchronous I/O on the calling queue's own metadata queue of the
 //!   child ([`io`]);
 //! - reads and in-place writes of allocated clusters leave the lock as
 //!   host ranges and go to the child's data queue asynchronously with the
 //!   guest's own iovecs, sliced (registered buffers stay registered);
-//! - allocation (with copy-on-write from the backing node or the old
-//!   cluster) is synchronous, in the crash-safe order described in
-//!   [`alloc`]: metadata under the lock, the data write and its flush
-//!   outside it, with the guest clusters marked busy meanwhile, so
-//!   allocation of one cluster is serialised and of different clusters
-//!   overlaps (their metadata steps still take turns);
+//! - allocating writes too are asynchronous, many in flight, in the
+//!   crash-safe order of QEMU's cache dependencies described in
+//!   [`alloc`]: clusters handed out in the cache, the data (with its
+//!   copy-on-write) written, then the L2 entries linked in the cache;
+//!   refcounts, flush, L2 tables, flush only at a checkpoint (a guest
+//!   flush). The guest clusters are busy meanwhile: allocation of one
+//!   cluster is serialised, of different clusters it runs in parallel;
 //! - zero clusters, discard and compressed clusters are served under the
 //!   lock ([`plan`]);
 //! - backing nodes are opened by the graph ([`open`]) from the header's
@@ -42,12 +44,17 @@ mod meta;
 mod open;
 mod plan;
 mod queue;
+mod write;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use qapi::{BlockdevCommon, BlockdevOptionsQcow2};
 
+use crate::completion;
 use crate::limits::BlockLimits;
 use crate::node::{BlockNode, BlockStatus, ImageDetails, NodeCommon, NodeQueue};
 use crate::request::RequestError;
@@ -55,7 +62,8 @@ use crate::stats::NodeStats;
 use crate::BlockError;
 
 use header::Header;
-use meta::Meta;
+use io::AlignedBuf;
+use meta::{Geometry, Meta};
 
 /// The default L2 cache: QEMU's upper bound, 32 MiB (enough to map 256 GiB
 /// of 64 KiB clusters), or less when that covers the whole image.
@@ -98,14 +106,20 @@ impl Qcow2Error {
     }
 }
 
+/// Least zero memory kept for write-zeroes and copy-on-write (one iovec
+/// per this many bytes of a long write of zeroes).
+const MIN_ZERO_BUF: usize = 1 << 20;
+
 /// State every queue of a node shares.
 pub(crate) struct Shared {
     meta: Mutex<Meta>,
-    /// Signalled when guest clusters stop being busy.
-    idle: Condvar,
     size: AtomicU64,
     cluster_bits: u32,
+    g: Geometry,
+    child: Arc<dyn BlockNode>,
     discard_keep: bool,
+    /// Zeroes (at least a cluster), never written to.
+    zeroes: AlignedBuf,
 }
 
 impl Shared {
@@ -113,13 +127,55 @@ impl Shared {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for a busy mark to go (see [`alloc`]).
-    fn wait<'a>(&self, g: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
-        self.idle.wait(g).unwrap_or_else(|e| e.into_inner())
+    /// Iovecs of `len` zero bytes.
+    fn zero_iovecs(&self, len: usize) -> Vec<libc::iovec> {
+        let step = self.zeroes.len();
+        (0..len)
+            .step_by(step.max(1))
+            .map(|at| self.zeroes.iovec(0, step.min(len - at)))
+            .collect()
+    }
+}
+
+/// How a queue whose request waits for busy clusters is told they went:
+/// an eventfd in its epoll set, and a flag its poller reads without a
+/// system call.
+pub(crate) struct Waker {
+    fd: EventFd,
+    pending: AtomicBool,
+}
+
+impl Waker {
+    fn new() -> Result<Self, BlockError> {
+        Ok(Waker {
+            fd: completion::new_eventfd()?,
+            pending: AtomicBool::new(false),
+        })
     }
 
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Called with the metadata lock held, when busy marks went.
     fn wake(&self) {
-        self.idle.notify_all();
+        // The fd first: whoever sees the flag then clears a readable fd,
+        // so it never stays readable with the flag down for long.
+        let _ = self.fd.write(1);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether a wake came since the last call; clears it.
+    fn take(&self) -> bool {
+        if !self.pending() || !self.pending.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        completion::clear_eventfd(&self.fd);
+        true
     }
 }
 
@@ -238,14 +294,18 @@ impl Qcow2Node {
         }
         Ok(Qcow2Node {
             common: NodeCommon::new(name, common, common.read_only),
-            child,
+            child: child.clone(),
             backing,
             details: image.details(),
             shared: Arc::new(Shared {
                 size: AtomicU64::new(image.meta.size),
                 cluster_bits: image.meta.g.cluster_bits,
+                g: image.meta.g,
+                child: child.clone(),
+                zeroes: AlignedBuf::zeroed(
+                    (image.meta.g.cluster_size() as usize).max(MIN_ZERO_BUF),
+                ),
                 meta: Mutex::new(image.meta),
-                idle: Condvar::new(),
                 discard_keep: opts.discard_no_unref,
             }),
             control: Mutex::new(image.control),
@@ -262,8 +322,12 @@ impl Drop for Qcow2Node {
     fn drop(&mut self) {
         // What the guest wrote since its last flush reaches the disk on a
         // clean close, as with QEMU.
+        // The file's tail that growth reserved and no cluster took goes.
         let mut control = self.control();
-        let _ = self.shared.lock().checkpoint(control.as_mut());
+        let mut meta = self.shared.lock();
+        if meta.checkpoint(control.as_mut()).is_ok() {
+            let _ = meta.trim_tail();
+        }
     }
 }
 

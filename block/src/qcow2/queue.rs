@@ -1,22 +1,34 @@
 //! One thread's queue of a qcow2 node. A guest request is planned under
-//! the metadata lock ([`super::plan`]); its host ranges go to the child's
-//! data queue as sub-requests over the guest's own iovecs, and the guest
-//! request completes when the last of them does. Requests finished here
-//! (zero clusters, allocation, discard) complete through a local list.
+//! the metadata lock ([`super::plan`], [`super::alloc`]); its host ranges
+//! go to the child's data queue as sub-requests over the guest's own
+//! iovecs, and the guest request completes when the last of them does.
+//! Allocating writes are sub-requests too (their data with the
+//! copy-on-write around it); when they complete, their L2 entries are
+//! linked under the lock ([`Meta::commit_runs`]) before the guest request
+//! completes. Requests finished here (zero clusters, discard) complete
+//! through a local list.
 //!
-//! The completion fd is an epoll instance over the child's completion fd
-//! and the local list's eventfd, so the owner still sees one fd.
+//! A write or clear ([`super::write`]) that touches a guest cluster
+//! another request is allocating is deferred, never waited for (a queue that blocked would
+//! not reap the allocation it may be waiting for): the queue registers
+//! its [`Waker`] and retries when busy marks go.
+//!
+//! The completion fd is an epoll instance over the child's completion fd,
+//! the local list's eventfd and the waker's, so the owner still sees one
+//! fd.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::alloc;
-use super::io::slice_iovecs;
-use super::plan::{Backing, BackingRange, Clear, HostRange};
-use super::{Qcow2Error, Shared};
+use super::alloc::Run;
+use super::io::{slice_iovecs, AlignedBuf};
+use super::meta::Meta;
+use super::plan::{Backing, BackingRange, HostRange};
+use super::{Shared, Waker};
 use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::node::{NodeCommon, NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
@@ -24,25 +36,47 @@ use crate::stats::NodeStats;
 use crate::BlockError;
 
 /// A guest request waiting for its sub-requests.
-struct Parent {
+pub(super) struct Parent {
     request: Request,
     left: usize,
-    error: Option<RequestError>,
+    pub error: Option<RequestError>,
+    /// Clusters the sub-requests fill, linked when they all succeeded.
+    pub runs: Vec<Run>,
+    /// Copy-on-write data the sub-requests write.
+    pub bufs: Vec<AlignedBuf>,
 }
+
+impl Parent {
+    pub fn new(request: Request) -> Self {
+        Parent {
+            request,
+            left: 0,
+            error: None,
+            runs: Vec::new(),
+            bufs: Vec::new(),
+        }
+    }
+}
+
+/// One host write or read of a parent.
+pub(super) type Sub = (u64, Vec<libc::iovec>);
 
 /// One thread's queue of a [`super::Qcow2Node`].
 pub(crate) struct Qcow2Queue {
     common: NodeCommon,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     /// Data sub-requests, asynchronous.
     data: Box<dyn NodeQueue>,
     /// Metadata and slow-path I/O, synchronous.
-    meta_io: Box<dyn NodeQueue>,
-    backing: Option<Backing>,
+    pub(super) meta_io: Box<dyn NodeQueue>,
+    pub(super) backing: Option<Backing>,
     stats: Arc<NodeStats>,
     parents: Vec<Option<Parent>>,
     free_slots: Vec<usize>,
     in_flight: usize,
+    /// Requests waiting for busy clusters.
+    pub(super) deferred: VecDeque<Request>,
+    pub(super) waker: Arc<Waker>,
     local: LocalCompletions,
     eventfd: Arc<EventFd>,
     epoll: OwnedFd,
@@ -59,6 +93,19 @@ fn epoll_add(epoll: &OwnedFd, fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Defers `req` until busy marks go, with `waker` told then.
+pub(super) fn defer(
+    meta: &mut Meta,
+    waker: &Arc<Waker>,
+    deferred: &mut VecDeque<Request>,
+    req: Request,
+) {
+    if !meta.waiters.iter().any(|w| Arc::ptr_eq(w, waker)) {
+        meta.waiters.push(waker.clone());
+    }
+    deferred.push_back(req);
 }
 
 impl Qcow2Queue {
@@ -82,8 +129,10 @@ impl Qcow2Queue {
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
         let eventfd = Arc::new(new_eventfd()?);
+        let waker = Arc::new(Waker::new()?);
         epoll_add(&epoll, data.completion_fd())
             .and_then(|()| epoll_add(&epoll, eventfd.as_raw_fd()))
+            .and_then(|()| epoll_add(&epoll, waker.fd()))
             .map_err(|e| os("watch the qcow2 queue's fds", e))?;
         Ok(Qcow2Queue {
             common,
@@ -95,6 +144,8 @@ impl Qcow2Queue {
             parents: Vec::new(),
             free_slots: Vec::new(),
             in_flight: 0,
+            deferred: VecDeque::new(),
+            waker,
             local: LocalCompletions::new(eventfd.clone()),
             eventfd,
             epoll,
@@ -102,7 +153,7 @@ impl Qcow2Queue {
         })
     }
 
-    fn finish(&mut self, request: Request, result: Result<(), RequestError>) {
+    pub(super) fn finish(&mut self, request: Request, result: Result<(), RequestError>) {
         let len = match request.op() {
             RequestOp::Flush => 0,
             _ => request.len(),
@@ -113,34 +164,26 @@ impl Qcow2Queue {
         });
     }
 
-    /// Sends `ranges` of `request` to the data queue; the request completes
-    /// when they all have.
-    fn submit_ranges(&mut self, request: Request, ranges: &[HostRange]) {
-        if ranges.is_empty() {
-            self.finish(request, Ok(()));
-            return;
-        }
+    /// Sends `subs` of `parent` to the data queue (writes for a write or
+    /// write-zeroes parent); the parent completes when they all have.
+    pub(super) fn launch(&mut self, mut parent: Parent, subs: Vec<Sub>) {
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.parents.push(None);
             self.parents.len() - 1
         });
-        let mut parent = Parent {
-            left: 0,
-            error: None,
-            request,
-        };
-        let write = parent.request.op() == RequestOp::Write;
+        let op = parent.request.op();
+        let write = matches!(op, RequestOp::Write | RequestOp::WriteZeroes);
         let fua = parent.request.flags().fua;
-        for r in ranges {
-            let iov = slice_iovecs(parent.request.iovecs(), r.skip, r.len);
-            // SAFETY: the iovecs are part of the parent's, valid until the
-            // parent completes (its submitter's promise); the parent
-            // completes only after this sub-request came back.
+        for (host, iov) in subs {
+            // SAFETY: the iovecs are part of the parent's own, or of
+            // buffers the parent or the node's shared state holds; both
+            // stay valid until the parent completes, which is only after
+            // this sub-request came back.
             let sub = unsafe {
-                if write {
-                    Request::write(r.host, iov, fua)
-                } else {
-                    Request::read(r.host, iov)
+                match op {
+                    RequestOp::Flush => Request::flush(),
+                    _ if write => Request::write(host, iov, fua),
+                    _ => Request::read(host, iov),
                 }
             };
             match self.data.submit(sub.with_user_data(slot as u64)) {
@@ -153,12 +196,42 @@ impl Qcow2Queue {
         }
         if parent.left == 0 {
             self.free_slots.push(slot);
-            let result = parent.error.map_or(Ok(()), Err);
-            self.finish(parent.request, result);
+            let c = self.complete(parent);
+            self.local.push_quiet(c);
             return;
         }
         self.in_flight += 1;
         self.parents[slot] = Some(parent);
+    }
+
+    /// The completion of a parent whose sub-requests all came back: its
+    /// new clusters linked first (step 3 of [`super::alloc`]).
+    fn complete(&mut self, p: Parent) -> Completion {
+        let mut result = p.error.map_or(Ok(()), Err);
+        if !p.runs.is_empty() {
+            let io = self.meta_io.as_mut();
+            let mut meta = self.shared.lock();
+            let mut done = meta.commit_runs(io, &p.runs, result.is_ok());
+            // A FUA write must be durable with its allocation.
+            if done.is_ok() && result.is_ok() && p.request.flags().fua {
+                done = meta.checkpoint(io);
+            }
+            for w in meta.waiters.drain(..) {
+                w.wake();
+            }
+            drop(meta);
+            if let Err(e) = done {
+                result = result.and(Err(e.request_error()));
+            }
+        }
+        let len = match p.request.op() {
+            RequestOp::Flush => 0,
+            _ => p.request.len(),
+        };
+        Completion {
+            result: result.map(|()| len),
+            request: p.request,
+        }
     }
 
     fn read(&mut self, req: Request) {
@@ -191,112 +264,12 @@ impl Qcow2Queue {
             Ok(())
         });
         match done {
-            Ok(()) => self.submit_ranges(req, &host),
+            Ok(()) => {
+                let subs = ranges(&host, req.iovecs());
+                self.launch(Parent::new(req), subs);
+            }
             Err(e) => self.finish(req, Err(e.request_error())),
         }
-    }
-
-    fn write(&mut self, req: Request) {
-        let mut direct = Vec::new();
-        // SAFETY: the request's iovecs are valid for reads until it
-        // completes, which is after this call.
-        let planned = unsafe {
-            alloc::write(
-                &self.shared,
-                self.meta_io.as_mut(),
-                self.backing.as_mut(),
-                req.offset(),
-                req.iovecs(),
-                &mut direct,
-            )
-        };
-        let planned = planned.and_then(|allocated| {
-            // A FUA write must be durable with its allocation.
-            if allocated && req.flags().fua {
-                self.shared.lock().checkpoint(self.meta_io.as_mut())?;
-            }
-            Ok(())
-        });
-        match planned {
-            Ok(()) => self.submit_ranges(req, &direct),
-            Err(e) => self.finish(req, Err(e.request_error())),
-        }
-    }
-
-    /// Discard and write-zeroes: full clusters become zero (or
-    /// unallocated) clusters; write-zeroes writes zeroes to partial ones.
-    fn clear(&mut self, req: Request) {
-        let result = self.clear_range(&req);
-        self.finish(req, result.map_err(|e| e.request_error()));
-    }
-
-    fn clear_range(&mut self, req: &Request) -> Result<(), Qcow2Error> {
-        let zeroes = req.op() == RequestOp::WriteZeroes;
-        let has_backing = self.backing.is_some();
-        let meta = self.shared.lock();
-        let cs = meta.g.cluster_size();
-        let (off, end) = (req.offset(), req.offset() + req.len());
-        let (first, last) = (off.div_ceil(cs), end / cs);
-        // Version 2 cannot mark clusters zero over a backing file.
-        let by_cluster = !(zeroes && meta.g.version < 3 && has_backing);
-        let (mid_start, mid_end) = if by_cluster && first < last {
-            (first * cs, last * cs)
-        } else {
-            (end, end)
-        };
-        if zeroes && req.flags().no_fallback && (mid_start != off || mid_end != end) {
-            return Err(Qcow2Error::Unsupported(
-                "write-zeroes without fallback".into(),
-            ));
-        }
-        if mid_start < mid_end {
-            let how = if zeroes {
-                Clear::Zeroes
-            } else {
-                Clear::Discard {
-                    keep: self.shared.discard_keep,
-                }
-            };
-            let mut meta = alloc::wait_idle(&self.shared, meta, first, last - first);
-            meta.clear(self.meta_io.as_mut(), first, last - first, how, has_backing)?;
-        } else {
-            drop(meta);
-        }
-        if !zeroes {
-            // Partial clusters of a discard are left alone (as QEMU does).
-            return Ok(());
-        }
-        for (a, b) in [(off, mid_start.min(end)), (mid_end.max(off), end)] {
-            if a >= b {
-                continue;
-            }
-            let mut zeros = vec![0u8; (b - a) as usize];
-            let iov = [super::io::iovec_of(&mut zeros)];
-            let mut direct = Vec::new();
-            // SAFETY: `zeros` outlives both calls.
-            unsafe {
-                alloc::write(
-                    &self.shared,
-                    self.meta_io.as_mut(),
-                    self.backing.as_mut(),
-                    a,
-                    &iov,
-                    &mut direct,
-                )?;
-                for r in direct {
-                    super::io::pwritev(
-                        self.meta_io.as_mut(),
-                        r.host,
-                        slice_iovecs(&iov, r.skip, r.len),
-                    )
-                    .map_err(|source| Qcow2Error::Io {
-                        what: "write zeroes".into(),
-                        source,
-                    })?;
-                }
-            }
-        }
-        Ok(())
     }
 
     /// A checkpoint of the metadata, then a flush of the data queue (for
@@ -307,33 +280,41 @@ impl Qcow2Queue {
             self.finish(req, Err(e.request_error()));
             return;
         }
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
-            self.parents.push(None);
-            self.parents.len() - 1
-        });
-        match self
-            .data
-            .submit(Request::flush().with_user_data(slot as u64))
-        {
-            Ok(()) => {
-                self.in_flight += 1;
-                self.parents[slot] = Some(Parent {
-                    request: req,
-                    left: 1,
-                    error: None,
-                });
-            }
-            Err(e) => {
-                self.free_slots.push(slot);
-                self.finish(req, Err(e.error));
-            }
+        self.launch(Parent::new(req), vec![(0, Vec::new())]);
+    }
+
+    fn dispatch(&mut self, req: Request) {
+        match req.op() {
+            RequestOp::Read => self.read(req),
+            RequestOp::Write => self.write(req),
+            RequestOp::Flush => self.flush(req),
+            RequestOp::Discard | RequestOp::WriteZeroes => self.clear(req),
         }
+    }
+
+    /// Retries deferred requests if busy marks went since they were
+    /// deferred.
+    fn retry_deferred(&mut self) {
+        if !self.waker.take() || self.deferred.is_empty() {
+            return;
+        }
+        for req in std::mem::take(&mut self.deferred) {
+            self.dispatch(req);
+        }
+        self.data.kick();
     }
 
     /// Accounts finished sub-requests; moves finished parents to `out`.
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let mut subs = std::mem::take(&mut self.scratch);
         self.data.poll_completions(&mut subs);
+        self.account(&mut subs, out);
+        self.scratch = subs;
+    }
+
+    /// Accounts the finished sub-requests `subs` (emptied); moves finished
+    /// parents to `out`.
+    fn account(&mut self, subs: &mut Vec<Completion>, out: &mut Vec<Completion>) {
         for c in subs.drain(..) {
             let slot = c.request.user_data as usize;
             let Some(Some(p)) = self.parents.get_mut(slot) else {
@@ -349,17 +330,18 @@ impl Qcow2Queue {
             let p = self.parents[slot].take().expect("checked above");
             self.free_slots.push(slot);
             self.in_flight -= 1;
-            let len = match p.request.op() {
-                RequestOp::Flush => 0,
-                _ => p.request.len(),
-            };
-            out.push(Completion {
-                result: p.error.map_or(Ok(len), Err),
-                request: p.request,
-            });
+            let c = self.complete(p);
+            out.push(c);
         }
-        self.scratch = subs;
     }
+}
+
+/// The sub-requests of `ranges` over the request data `iovecs`.
+pub(super) fn ranges(ranges: &[HostRange], iovecs: &[libc::iovec]) -> Vec<Sub> {
+    ranges
+        .iter()
+        .map(|r| (r.host, slice_iovecs(iovecs, r.skip, r.len)))
+        .collect()
 }
 
 impl NodeQueue for Qcow2Queue {
@@ -372,12 +354,7 @@ impl NodeQueue for Qcow2Queue {
             }
             Precheck::Forward(r) => r,
         };
-        match req.op() {
-            RequestOp::Read => self.read(req),
-            RequestOp::Write => self.write(req),
-            RequestOp::Flush => self.flush(req),
-            RequestOp::Discard | RequestOp::WriteZeroes => self.clear(req),
-        }
+        self.dispatch(req);
         Ok(())
     }
 
@@ -395,7 +372,9 @@ impl NodeQueue for Qcow2Queue {
     }
 
     fn completions_ready(&mut self) -> bool {
-        !self.local.is_empty() || (self.in_flight > 0 && self.data.completions_ready())
+        !self.local.is_empty()
+            || (self.in_flight > 0 && self.data.completions_ready())
+            || self.waker.pending()
     }
 
     fn completion_fd(&self) -> RawFd {
@@ -410,6 +389,12 @@ impl NodeQueue for Qcow2Queue {
         if self.in_flight > 0 {
             self.reap(out);
         }
+        // What the reaping released, or another queue did, may let
+        // deferred requests go; some finish at once.
+        self.retry_deferred();
+        if self.local.drain_into(out) {
+            clear_eventfd(&self.eventfd);
+        }
         for c in &mut out[start..] {
             self.stats.record_completion(c);
         }
@@ -417,10 +402,73 @@ impl NodeQueue for Qcow2Queue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight + self.local.len()
+        self.in_flight + self.local.len() + self.deferred.len()
     }
 
     fn complete_now(&mut self, c: Completion) {
         self.local.push(c);
+    }
+
+    fn wait_completions(&mut self, min: usize, out: &mut Vec<Completion>) -> usize {
+        let start = out.len();
+        self.poll_completions(out);
+        if out.len() - start >= min || self.in_flight() == 0 {
+            self.data.kick();
+        }
+        while out.len() - start < min && self.in_flight() > 0 {
+            if self.local.is_empty() && self.deferred.is_empty() {
+                // Only the data queue has work: wait there, in one system
+                // call where its engine can (io_uring submits what is
+                // queued and waits at once), not in a kick, a poll of our
+                // epoll fd and a read.
+                let mut subs = std::mem::take(&mut self.scratch);
+                if self.data.wait_completions(1, &mut subs) == 0 && self.data.in_flight() == 0 {
+                    // The data queue lost our sub-requests: nothing will
+                    // complete them, so waiting longer would spin.
+                    self.scratch = subs;
+                    break;
+                }
+                let at = out.len();
+                self.account(&mut subs, out);
+                self.scratch = subs;
+                for c in &mut out[at..] {
+                    self.stats.record_completion(c);
+                }
+            } else {
+                self.data.kick();
+                crate::sys::wait_readable(self.completion_fd());
+            }
+            self.poll_completions(out);
+        }
+        out.len() - start
+    }
+}
+
+impl Drop for Qcow2Queue {
+    fn drop(&mut self) {
+        // Allocations in flight keep their guest clusters busy until they
+        // complete: let them, so that other queues of the node never wait
+        // for marks nobody will remove. What the data queue lost is
+        // released unlinked (leaked, as a crash would leave it).
+        let mut done = Vec::new();
+        while self.in_flight > 0 && self.data.in_flight() > 0 {
+            let mut subs = std::mem::take(&mut self.scratch);
+            self.data.wait_completions(1, &mut subs);
+            self.account(&mut subs, &mut done);
+            self.scratch = subs;
+        }
+        let lost: Vec<Run> = self
+            .parents
+            .iter_mut()
+            .filter_map(Option::take)
+            .flat_map(|p| p.runs)
+            .collect();
+        if !lost.is_empty() {
+            let mut meta = self.shared.lock();
+            let _ = meta.commit_runs(self.meta_io.as_mut(), &lost, false);
+            for w in meta.waiters.drain(..) {
+                w.wake();
+            }
+        }
     }
 }
