@@ -51,7 +51,8 @@ pub struct RunArgs {
     /// A block node, QEMU's --blockdev syntax; repeatable.
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdevs: Vec<String>,
-    /// An object: `iothread,id=ID[,poll-max-ns=N]`; repeatable.
+    /// An object: `iothread,id=ID[,poll-max-ns=N]`, `throttle-group`,
+    /// `tls-creds-x509` or `secret` (as for storage-daemon); repeatable.
     #[arg(long = "object", value_name = "OPTIONS")]
     objects: Vec<String>,
     /// A device: `virtio-blk-pci|virtio-blk-device,drive=NODE[,iothread=ID][,num-queues=N]

@@ -31,9 +31,11 @@ pub struct StorageDaemonArgs {
     /// A block node, QEMU's --blockdev syntax; repeatable.
     #[arg(long = "blockdev", value_name = "OPTIONS")]
     blockdevs: Vec<String>,
-    /// An object: `iothread,id=ID[,poll-max-ns=N]` or
-    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]`;
-    /// repeatable.
+    /// An object: `iothread,id=ID[,poll-max-ns=N]`,
+    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]`,
+    /// `throttle-group,id=ID[,limits.*=N]` or
+    /// `secret,id=ID,data=D|file=F[,format=raw|base64]` (an rbd node's
+    /// key-secret); repeatable.
     #[arg(long = "object", value_name = "OPTIONS")]
     objects: Vec<String>,
     /// An export: `type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,addr.path=PATH[,writable=on][,num-queues=N][,iothread=ID][,logical-block-size=N]`.

@@ -20,7 +20,8 @@ pub struct BenchArgs {
     #[arg(long = "blockdev", required = true, value_name = "OPTIONS")]
     blockdevs: Vec<String>,
     /// An object in QEMU's --object syntax (tls-creds-x509 for an nbd
-    /// node's tls-creds); repeatable.
+    /// node's tls-creds, throttle-group for a throttle node, secret for an
+    /// rbd node's key-secret); repeatable.
     #[arg(long = "object", value_name = "OPTIONS")]
     objects: Vec<String>,
     /// The node to measure (default: the node of the last --blockdev).
