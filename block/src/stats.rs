@@ -17,22 +17,15 @@ use crate::request::{Completion, RequestError, RequestOp};
 /// Number of latency buckets: bucket `i` counts latencies in `[2^i, 2^(i+1))` ns.
 pub const LATENCY_BUCKETS: usize = 40;
 
-/// How a counter is bumped: by any thread (locked add) or by its one
-/// writer (load and store, which readers on other threads still see
-/// whole).
-#[derive(Clone, Copy)]
-enum Writer {
-    Any,
-    One,
+/// Adds `n` to a counter that only the calling thread writes: a load and
+/// a store, which readers on other threads still see whole.
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
-fn bump(c: &AtomicU64, n: u64, w: Writer) {
-    match w {
-        Writer::Any => {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-        Writer::One => c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed),
-    }
+/// Adds `n` to a counter any thread may write.
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Counters for one kind of operation.
@@ -85,16 +78,16 @@ impl Default for OpStatsSnapshot {
 }
 
 impl OpStats {
-    fn record(&self, bytes: u64, ok: bool, ns: u64, w: Writer) {
-        bump(&self.ops, 1, w);
+    fn record(&self, bytes: u64, ok: bool, ns: u64) {
+        bump(&self.ops, 1);
         if ok {
-            bump(&self.bytes, bytes, w);
+            bump(&self.bytes, bytes);
         } else {
-            bump(&self.errors, 1, w);
+            bump(&self.errors, 1);
         }
-        bump(&self.total_ns, ns, w);
+        bump(&self.total_ns, ns);
         let bucket = (63 - ns.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
-        bump(&self.histogram[bucket], 1, w);
+        bump(&self.histogram[bucket], 1);
     }
 
     fn add_to(&self, s: &mut OpStatsSnapshot) {
@@ -108,17 +101,17 @@ impl OpStats {
     }
 
     fn absorb(&self, s: &OpStatsSnapshot) {
-        bump(&self.ops, s.ops, Writer::Any);
-        bump(&self.bytes, s.bytes, Writer::Any);
-        bump(&self.errors, s.errors, Writer::Any);
-        bump(&self.total_ns, s.total_ns, Writer::Any);
+        add(&self.ops, s.ops);
+        add(&self.bytes, s.bytes);
+        add(&self.errors, s.errors);
+        add(&self.total_ns, s.total_ns);
         for (t, b) in self.histogram.iter().zip(&s.histogram) {
-            bump(t, *b, Writer::Any);
+            add(t, *b);
         }
     }
 }
 
-/// One set of counters: a node's shared set, or one queue's.
+/// One set of counters: one queue's, or what a node's closed queues left.
 #[derive(Debug, Default)]
 struct Counters {
     region_map_failures: AtomicU64,
@@ -152,7 +145,7 @@ impl Counters {
         ]
     }
 
-    fn record_completion(&self, c: &mut Completion, w: Writer) {
+    fn record_completion(&self, c: &mut Completion) {
         let ns = match c.request.latency_ns {
             Some(ns) => ns,
             None => {
@@ -165,22 +158,16 @@ impl Counters {
             Ok(b) => (b, true),
             Err(_) => (0, false),
         };
-        self.op(c.request.op()).record(bytes, ok, ns, w);
+        self.op(c.request.op()).record(bytes, ok, ns);
     }
 
-    fn record(
-        &self,
-        op: RequestOp,
-        start: Option<Instant>,
-        result: &Result<u64, RequestError>,
-        w: Writer,
-    ) {
+    fn record(&self, op: RequestOp, start: Option<Instant>, result: &Result<u64, RequestError>) {
         let ns = start.map_or(0, |s| s.elapsed().as_nanos() as u64);
         let (bytes, ok) = match result {
             Ok(b) => (*b, true),
             Err(_) => (0, false),
         };
-        self.op(op).record(bytes, ok, ns, w);
+        self.op(op).record(bytes, ok, ns);
     }
 
     fn add_to(&self, s: &mut NodeStatsSnapshot) {
@@ -193,13 +180,9 @@ impl Counters {
     }
 
     fn absorb(&self, s: &mut NodeStatsSnapshot) {
-        bump(
-            &self.region_map_failures,
-            s.region_map_failures,
-            Writer::Any,
-        );
-        bump(&self.registered_ops, s.registered_ops, Writer::Any);
-        bump(&self.bounced_ops, s.bounced_ops, Writer::Any);
+        add(&self.region_map_failures, s.region_map_failures);
+        add(&self.registered_ops, s.registered_ops);
+        add(&self.bounced_ops, s.bounced_ops);
         for (o, t) in self.ops().into_iter().zip(s.ops_mut()) {
             o.absorb(t);
         }
@@ -209,8 +192,8 @@ impl Counters {
 /// Statistics of one node (or one user of a node), per operation kind.
 #[derive(Debug, Default)]
 pub struct NodeStats {
-    /// What any thread records directly, and what closed queues left.
-    shared: Counters,
+    /// What closed queues left.
+    closed: Counters,
     /// The live queues' own counters.
     queues: Mutex<Vec<Arc<Counters>>>,
 }
@@ -266,45 +249,11 @@ impl NodeStats {
         }
     }
 
-    /// Record one finished operation that started at `start` (from any
-    /// thread).
-    pub fn record(
-        &self,
-        op: RequestOp,
-        start: Option<Instant>,
-        result: &Result<u64, RequestError>,
-    ) {
-        self.shared.record(op, start, result, Writer::Any);
-    }
-
-    /// Record one finished request (from any thread): its latency runs
-    /// from its start to when the innermost node finished it, read from
-    /// the clock once (here, by the first node to record it) for every
-    /// layer.
-    pub fn record_completion(&self, c: &mut Completion) {
-        self.shared.record_completion(c, Writer::Any);
-    }
-
-    /// Count a memory region a queue could not register or map.
-    pub fn count_region_map_failure(&self) {
-        bump(&self.shared.region_map_failures, 1, Writer::Any);
-    }
-
-    /// Count a request served from registered memory.
-    pub fn count_registered(&self) {
-        bump(&self.shared.registered_ops, 1, Writer::Any);
-    }
-
-    /// Count a request copied through a bounce buffer.
-    pub fn count_bounced(&self) {
-        bump(&self.shared.bounced_ops, 1, Writer::Any);
-    }
-
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> NodeStatsSnapshot {
         let mut s = NodeStatsSnapshot::default();
         let queues = self.queues();
-        self.shared.add_to(&mut s);
+        self.closed.add_to(&mut s);
         for q in queues.iter() {
             q.add_to(&mut s);
         }
@@ -329,7 +278,7 @@ impl std::fmt::Debug for QueueStats {
 impl QueueStats {
     /// Record one finished request (see [`NodeStats::record_completion`]).
     pub fn record_completion(&self, c: &mut Completion) {
-        self.counters.record_completion(c, Writer::One);
+        self.counters.record_completion(c);
     }
 
     /// Record one finished operation that started at `start`.
@@ -339,22 +288,22 @@ impl QueueStats {
         start: Option<Instant>,
         result: &Result<u64, RequestError>,
     ) {
-        self.counters.record(op, start, result, Writer::One);
+        self.counters.record(op, start, result);
     }
 
     /// Count a memory region this queue could not register or map.
     pub fn count_region_map_failure(&self) {
-        bump(&self.counters.region_map_failures, 1, Writer::One);
+        bump(&self.counters.region_map_failures, 1);
     }
 
     /// Count a request served from registered memory.
     pub fn count_registered(&self) {
-        bump(&self.counters.registered_ops, 1, Writer::One);
+        bump(&self.counters.registered_ops, 1);
     }
 
     /// Count a request copied through a bounce buffer.
     pub fn count_bounced(&self) {
-        bump(&self.counters.bounced_ops, 1, Writer::One);
+        bump(&self.counters.bounced_ops, 1);
     }
 }
 
@@ -364,7 +313,7 @@ impl Drop for QueueStats {
         let mut queues = self.node.queues();
         let mut mine = NodeStatsSnapshot::default();
         self.counters.add_to(&mut mine);
-        self.node.shared.absorb(&mut mine);
+        self.node.closed.absorb(&mut mine);
         queues.retain(|q| !Arc::ptr_eq(q, &self.counters));
     }
 }
@@ -375,10 +324,11 @@ mod tests {
 
     #[test]
     fn record_counts_bytes_only_for_successes() {
-        let s = NodeStats::default();
+        let node = Arc::new(NodeStats::default());
+        let s = node.queue();
         s.record(RequestOp::Read, None, &Ok(4096));
         s.record(RequestOp::Read, None, &Err(RequestError::ReadOnly));
-        let snap = s.snapshot();
+        let snap = node.snapshot();
         assert_eq!(snap.read.ops, 2);
         assert_eq!(snap.read.bytes, 4096);
         assert_eq!(snap.read.errors, 1);
@@ -387,20 +337,24 @@ mod tests {
 
     #[test]
     fn every_layer_times_a_completion_to_the_same_end() {
-        let (inner, outer) = (NodeStats::default(), NodeStats::default());
+        let (inner, outer) = (
+            Arc::new(NodeStats::default()),
+            Arc::new(NodeStats::default()),
+        );
+        let (inner_q, outer_q) = (inner.queue(), outer.queue());
         let mut req = crate::Request::flush();
         req.stamp();
         let mut c = Completion {
             request: req,
             result: Ok(0),
         };
-        inner.record_completion(&mut c);
+        inner_q.record_completion(&mut c);
         let ns = c
             .request
             .latency_ns
             .expect("the first layer reads the clock");
         std::thread::sleep(std::time::Duration::from_millis(2));
-        outer.record_completion(&mut c);
+        outer_q.record_completion(&mut c);
         assert_eq!(c.request.latency_ns, Some(ns));
         let (i, o) = (inner.snapshot().flush, outer.snapshot().flush);
         assert_eq!((i.ops, o.ops), (1, 1));
@@ -414,8 +368,8 @@ mod tests {
     #[test]
     fn histogram_buckets_by_power_of_two() {
         let s = OpStats::default();
-        s.record(0, true, 1000, Writer::One); // 2^9 <= 1000 < 2^10
-        s.record(0, true, 1024, Writer::Any); // 2^10
+        s.record(0, true, 1000); // 2^9 <= 1000 < 2^10
+        s.record(0, true, 1024); // 2^10
         let mut snap = OpStatsSnapshot::default();
         s.add_to(&mut snap);
         assert_eq!(snap.histogram[9], 1);
@@ -436,7 +390,8 @@ mod tests {
     #[test]
     fn queue_counts_join_the_node_and_outlive_the_queue() {
         let node = Arc::new(NodeStats::default());
-        node.record_completion(&mut read_done(10));
+        // A queue that came and went.
+        node.queue().record_completion(&mut read_done(10));
         let (q1, q2) = (node.queue(), node.queue());
         q1.record_completion(&mut read_done(100));
         q1.count_registered();

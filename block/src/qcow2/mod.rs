@@ -442,7 +442,7 @@ impl BlockNode for Qcow2Node {
             self.child.open_queue()?,
             self.child.open_queue()?,
             backing,
-            self.stats.clone(),
+            self.stats.queue(),
         )?))
     }
 }

@@ -32,7 +32,7 @@ use super::{Shared, Waker};
 use crate::completion::{clear_eventfd, new_eventfd, LocalCompletions};
 use crate::node::{NodeCommon, NodeQueue, Precheck};
 use crate::request::{Completion, Request, RequestError, RequestOp, SubmitError};
-use crate::stats::NodeStats;
+use crate::stats::QueueStats;
 use crate::BlockError;
 
 /// A guest request waiting for its sub-requests.
@@ -70,7 +70,7 @@ pub(crate) struct Qcow2Queue {
     /// Metadata and slow-path I/O, synchronous.
     pub(super) meta_io: Box<dyn NodeQueue>,
     pub(super) backing: Option<Backing>,
-    stats: Arc<NodeStats>,
+    stats: QueueStats,
     parents: Vec<Option<Parent>>,
     free_slots: Vec<usize>,
     in_flight: usize,
@@ -115,7 +115,7 @@ impl Qcow2Queue {
         data: Box<dyn NodeQueue>,
         meta_io: Box<dyn NodeQueue>,
         backing: Option<Backing>,
-        stats: Arc<NodeStats>,
+        stats: QueueStats,
     ) -> Result<Self, BlockError> {
         let os = |what: &str, e: io::Error| BlockError::Os {
             what: what.into(),
