@@ -35,25 +35,27 @@ for p in /proc/[0-9]*; do
 done
 [ ${#pids[@]} -gt 0 ] || exit 0
 
-kill -TERM "${pids[@]}" 2>/dev/null
+# Waits up to $1 tenths of a second for the processes in `alive` to
+# exit; true once none is left (`alive` keeps the survivors).
+wait_exit() {
+    for _ in $(seq 1 "$1"); do
+        local still=()
+        for pid in "${alive[@]}"; do
+            kill -0 "$pid" 2>/dev/null && still+=("$pid")
+        done
+        alive=("${still[@]}")
+        [ ${#alive[@]} -gt 0 ] || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+alive=("${pids[@]}")
+kill -TERM "${alive[@]}" 2>/dev/null
 # A daemon a test stopped (SIGSTOP) acts on SIGTERM only once continued.
-kill -CONT "${pids[@]}" 2>/dev/null
-for _ in $(seq 1 100); do
-    alive=()
-    for pid in "${pids[@]}"; do
-        kill -0 "$pid" 2>/dev/null && alive+=("$pid")
-    done
-    [ ${#alive[@]} -gt 0 ] || exit 0
-    sleep 0.1
-done
+kill -CONT "${alive[@]}" 2>/dev/null
+wait_exit 100 && exit 0
 kill -KILL "${alive[@]}" 2>/dev/null
-for _ in $(seq 1 50); do
-    alive2=()
-    for pid in "${alive[@]}"; do
-        kill -0 "$pid" 2>/dev/null && alive2+=("$pid")
-    done
-    [ ${#alive2[@]} -gt 0 ] || exit 0
-    sleep 0.1
-done
-echo "stop.sh: processes ${alive2[*]} did not exit" >&2
+wait_exit 50 && exit 0
+echo "stop.sh: processes ${alive[*]} did not exit" >&2
 exit 1
