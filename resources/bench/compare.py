@@ -82,9 +82,12 @@ def fio(img, rw, bs, depth, runtime):
     return job["write" if "write" in rw else "read"]["iops"]
 
 
-def qemu_img(img, write, bs, depth, count, aio):
-    cmd = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-i", aio, "-c", str(count),
+def qemu_img(img, write, bs, depth, count, aio, fmt="raw", step=None):
+    """Requests per second of one `qemu-img bench` run (`step`: its -S)."""
+    cmd = ["qemu-img", "bench", "-f", fmt, "-t", "none", "-i", aio, "-c", str(count),
            "-d", str(depth), "-s", str(bs)]
+    if step is not None:
+        cmd += ["-S", str(step)]
     if write:
         cmd.append("-w")
     out = run(cmd + [img])
@@ -110,15 +113,7 @@ def blkvm_qcow2(blkvm_bin, img, write, depth, step, runtime=None, count=None):
 
 
 def qemu_img_qcow2(img, write, depth, step, count, aio):
-    cmd = ["qemu-img", "bench", "-f", "qcow2", "-t", "none", "-i", aio, "-c", str(count),
-           "-d", str(depth), "-s", str(QCOW2_BS), "-S", str(step)]
-    if write:
-        cmd.append("-w")
-    out = run(cmd + [img])
-    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
-    if not m:
-        sys.exit(f"unexpected qemu-img output: {out}")
-    return count / float(m.group(1))
+    return qemu_img(img, write, QCOW2_BS, depth, count, aio, fmt="qcow2", step=step)
 
 
 def qcow2_images(raw_img, alloc_mib):
